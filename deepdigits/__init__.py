@@ -1,0 +1,1 @@
+"""deepdigits: the DeepDigits convolutional network on MNIST, in JAX/Flax."""

@@ -1,0 +1,172 @@
+"""MNIST as uint8 arrays: from the original IDX files or from tensorflow-datasets.
+
+Every split is held in host memory as images uint8 [N, 28, 28, 1] and labels int32 [N]
+(MNIST is 55 MB); scaling to [0, 1] happens on the device inside the jitted step
+(`scale_images`), so only bytes cross to the accelerator.
+"""
+
+import dataclasses
+import gzip
+import os
+from typing import Optional
+
+import jax.numpy as jnp
+import numpy as np
+
+from deepdigits.errors import DataError
+
+IMAGE_SHAPE = (28, 28, 1)
+NUM_CLASSES = 10
+IDX_IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
+IDX_LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
+IDX_STEMS = {
+    'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
+    'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'),
+}
+IDX_HINT = ('Point --config.data_dir at a folder with the four MNIST IDX files '
+            '(train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, '
+            't10k-labels-idx1-ubyte, each raw or .gz), e.g. ../shared/data/mnist.')
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """One split in host memory."""
+  images: np.ndarray  # uint8 [N, 28, 28, 1]
+  labels: np.ndarray  # int32 [N]
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+
+def scale_images(images: jnp.ndarray, dtype=jnp.float32) -> jnp.ndarray:
+  """uint8 pixels 0..255 to [0, 1]; the step the original recipe forgot."""
+  return images.astype(dtype) / 255
+
+
+# ---------------------------------------------------------------- IDX files
+
+
+def find_idx_file(data_dir: str, stem: str) -> str:
+  """The path of `stem` or `stem.gz` in data_dir, or a DataError naming what is missing."""
+  if not os.path.isdir(data_dir):
+    raise DataError(f'data_dir {data_dir!r} is not a directory. {IDX_HINT}')
+  for name in (stem + '.gz', stem):
+    path = os.path.join(data_dir, name)
+    if os.path.isfile(path):
+      return path
+  raise DataError(f'{stem}[.gz] not found in {data_dir!r}. {IDX_HINT}')
+
+
+def read_idx(path: str, magic: int, item_shape: tuple[int, ...] = ()) -> np.ndarray:
+  """Reads one IDX file of unsigned bytes, checking magic, dimensions and length."""
+  try:
+    opener = gzip.open if path.endswith('.gz') else open
+    with opener(path, 'rb') as f:
+      raw = f.read()
+  except (OSError, EOFError) as e:  # BadGzipFile is an OSError
+    raise DataError(f'{path}: cannot read ({e}); the file is damaged or truncated, '
+                    'download it again.') from None
+  ndim = 1 + len(item_shape)
+  header_size = 4 + 4 * ndim
+  if len(raw) < header_size:
+    raise DataError(f'{path}: {len(raw)} bytes, shorter than the {header_size}-byte IDX '
+                    'header; the file is truncated.')
+  found_magic = int.from_bytes(raw[:4], 'big')
+  if found_magic != magic:
+    raise DataError(f'{path}: IDX magic number 0x{found_magic:08x}, expected '
+                    f'0x{magic:08x}; this is not the right MNIST file.')
+  dims = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], 'big') for i in range(ndim))
+  if dims[1:] != item_shape:
+    raise DataError(f'{path}: items of shape {dims[1:]}, expected {item_shape}.')
+  expected = header_size + int(np.prod(dims))
+  if len(raw) != expected:
+    what = 'truncated' if len(raw) < expected else 'longer than its header says'
+    raise DataError(f'{path}: {len(raw)} bytes but the header ({dims[0]} items) needs '
+                    f'{expected}; the file is {what}.')
+  return np.frombuffer(raw, dtype=np.uint8, offset=header_size).reshape(dims)
+
+
+def read_idx_split(data_dir: str, split: str) -> Split:
+  """The 'train' or 'test' split from the IDX files in data_dir."""
+  images_stem, labels_stem = IDX_STEMS[split]
+  images_path = find_idx_file(data_dir, images_stem)
+  labels_path = find_idx_file(data_dir, labels_stem)
+  images = read_idx(images_path, IDX_IMAGES_MAGIC, IMAGE_SHAPE[:2])
+  labels = read_idx(labels_path, IDX_LABELS_MAGIC)
+  if len(images) != len(labels):
+    raise DataError(f'{images_path} holds {len(images)} images but {labels_path} holds '
+                    f'{len(labels)} labels; the files do not belong together.')
+  return checked_split(images[..., None], labels, source=labels_path)
+
+
+def checked_split(images: np.ndarray, labels: np.ndarray, source: str) -> Split:
+  """A Split, after checking shapes and the label range."""
+  if images.shape[1:] != IMAGE_SHAPE or images.dtype != np.uint8:
+    raise DataError(f'{source}: images of shape {images.shape[1:]} {images.dtype}, '
+                    f'expected {IMAGE_SHAPE} uint8.')
+  if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+    bad = int(np.flatnonzero((labels < 0) | (labels >= NUM_CLASSES))[0])
+    raise DataError(f'{source}: label {int(labels[bad])} at index {bad} is outside '
+                    f'0..{NUM_CLASSES - 1}.')
+  return Split(np.ascontiguousarray(images), labels.astype(np.int32))
+
+
+# ---------------------------------------------------------------- tensorflow-datasets
+
+
+def read_tfds_split(split: str, tfds_data_dir: Optional[str]) -> Split:
+  """A split of TFDS `mnist`, read with `tfds.data_source` (no TensorFlow needed).
+
+  The dataset must be prepared once; tensorflow-datasets prepares MNIST only with
+  TensorFlow installed (`pip install -e '.[tfds]'`) and network access.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    source = tfds.data_source('mnist', split=split, data_dir=tfds_data_dir or None)
+  except Exception as e:  # download, TensorFlow or file-system failures alike
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise DataError(
+        f'tensorflow-datasets could not load or prepare mnist ({type(e).__name__}: '
+        f'{reason[:200]}). Without network or TensorFlow, use the IDX files instead: '
+        f'{IDX_HINT} With network, `pip install -e ".[tfds]"` lets tensorflow-datasets '
+        'prepare it once.') from None
+  records = [source[i] for i in range(len(source))]
+  images = np.stack([r['image'] for r in records]) if records else np.zeros(
+      (0,) + IMAGE_SHAPE, np.uint8)
+  labels = np.array([r['label'] for r in records], dtype=np.int64)
+  return checked_split(images, labels, source=f'tfds mnist[{split}]')
+
+
+# ---------------------------------------------------------------- splits for a run
+
+
+def load_datasets(config) -> dict[str, Split]:
+  """The run's splits: 'train', 'test' and, if config.validation_size > 0, 'validation'.
+
+  The validation slice is the last `validation_size` images of the official training
+  set, never trained on; `train_subset` (> 0) then keeps the first N of the rest.
+  """
+  if config.data_dir:
+    read = lambda split: read_idx_split(config.data_dir, split)
+  else:
+    read = lambda split: read_tfds_split(split, config.tfds_data_dir)
+  full_train, test = read('train'), read('test')
+  if config.validation_size >= len(full_train):
+    raise DataError(f'validation_size={config.validation_size} leaves no training '
+                    f'images out of {len(full_train)}.')
+  num_train = len(full_train) - config.validation_size
+  splits = {'train': Split(full_train.images[:num_train], full_train.labels[:num_train]),
+            'test': test}
+  if config.validation_size:
+    splits['validation'] = Split(full_train.images[num_train:],
+                                 full_train.labels[num_train:])
+  if config.train_subset:
+    splits['train'] = Split(splits['train'].images[:config.train_subset],
+                            splits['train'].labels[:config.train_subset])
+  return splits
+
+
+def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+  """The order of the training examples in an epoch: a function of (seed, epoch) only,
+  so a resumed run sees the same order as an uninterrupted one."""
+  return np.random.default_rng([seed, epoch]).permutation(num_examples)

@@ -1,0 +1,17 @@
+"""Errors that stop a run before any long work, each with a message that names the fix."""
+
+
+class DeepDigitsError(Exception):
+  """A problem with the user's input (data, config, checkpoint, workdir)."""
+
+
+class DataError(DeepDigitsError):
+  """The dataset is missing, unreadable or malformed."""
+
+
+class ConfigError(DeepDigitsError):
+  """A config value is out of range or inconsistent with the machine."""
+
+
+class CheckpointError(DeepDigitsError):
+  """A checkpoint cannot be restored into this run."""

@@ -1,0 +1,107 @@
+"""The DeepDigits network: the 20 layers of the original Keras Sequential, in Flax linen.
+
+Layer for layer the original (see README): 3x3 VALID convolutions, ReLU, then BatchNorm
+with Keras' defaults (momentum 0.99, epsilon 1e-3), max pooling, dropout, three dense
+layers. Keras' initialisers (Glorot uniform kernels, zero biases) are kept. The module
+returns logits; the softmax belongs to the loss.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Kernels that carry the original's `kernel_regularizer=l2(0.001)`.
+L2_REGULARIZED_KERNELS = ('conv4', 'dense1', 'dense2')
+CONV_IMPLS = ('native', 'shifted_matmul')
+
+
+def conv3x3_shifted_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """A 3x3 VALID, stride-1 convolution as one matmul over the nine shifted views.
+
+  The same function as `lax.conv_general_dilated` (NHWC, HWIO); XLA's CPU backend runs
+  it as one large GEMM, which is faster there than its native convolution.
+  """
+  height, width = x.shape[1] - 2, x.shape[2] - 2
+  patches = jnp.concatenate(
+      [x[:, i:i + height, j:j + width, :] for i in range(3) for j in range(3)], axis=-1)
+  return jnp.dot(patches, kernel.reshape(-1, kernel.shape[-1]))
+
+
+class Conv3x3(nn.Module):
+  """3x3 VALID convolution with bias; `impl` picks how XLA computes it."""
+  features: int
+  impl: str = 'native'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    in_features = x.shape[-1]
+    kernel = self.param('kernel', nn.initializers.xavier_uniform(),
+                        (3, 3, in_features, self.features), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    if self.impl == 'native':
+      y = jax.lax.conv_general_dilated(
+          x, kernel, window_strides=(1, 1), padding='VALID',
+          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    elif self.impl == 'shifted_matmul':
+      y = conv3x3_shifted_matmul(x, kernel)
+    else:
+      raise ValueError(f'conv_impl must be one of {CONV_IMPLS}, got {self.impl!r}')
+    return y + bias
+
+
+class DeepDigitsCNN(nn.Module):
+  """The original DeepDigits CNN (2,624,394 numbers with BatchNorm statistics).
+
+  Attributes:
+    num_classes: size of the output layer.
+    dtype: computation dtype of activations and matmuls; parameters stay float32.
+    conv_impl: 'native' (lax convolution, best on TPU/GPU) or 'shifted_matmul'.
+    bn_momentum: BatchNorm running-average momentum (Keras default 0.99).
+    bn_epsilon: BatchNorm epsilon (Keras default 1e-3).
+    use_dropout: False turns every dropout layer off even in training mode, for
+      re-estimating BatchNorm statistics without dropout noise.
+  """
+  num_classes: int = 10
+  dtype: Any = jnp.float32
+  conv_impl: str = 'native'
+  bn_momentum: float = 0.99
+  bn_epsilon: float = 1e-3
+  use_dropout: bool = True
+
+  @nn.compact
+  def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
+    """Maps float images [N, 28, 28, 1] in [0, 1] to logits [N, num_classes]."""
+    batch_norm = lambda name: nn.BatchNorm(
+        use_running_average=not train, momentum=self.bn_momentum,
+        epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=jnp.float32, name=name)
+    dropout = lambda rate: nn.Dropout(
+        rate, deterministic=not (train and self.use_dropout))
+    conv = lambda features, name: Conv3x3(
+        features, impl=self.conv_impl, dtype=self.dtype, name=name)
+    dense = lambda features, name: nn.Dense(
+        features, kernel_init=nn.initializers.xavier_uniform(), dtype=self.dtype,
+        param_dtype=jnp.float32, name=name)
+    max_pool = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2), padding='VALID')
+
+    x = images.astype(self.dtype)
+    x = batch_norm('bn1')(nn.relu(conv(32, 'conv1')(x)))      # 26x26x32
+    x = batch_norm('bn2')(nn.relu(conv(64, 'conv2')(x)))      # 24x24x64
+    x = dropout(0.25)(max_pool(x))                           # 12x12x64
+    x = batch_norm('bn3')(nn.relu(conv(128, 'conv3')(x)))     # 10x10x128
+    x = batch_norm('bn4')(nn.relu(conv(256, 'conv4')(x)))     # 8x8x256
+    x = dropout(0.25)(max_pool(x))                           # 4x4x256
+    x = x.reshape((x.shape[0], -1))                          # 4096
+    x = dropout(0.5)(batch_norm('bn5')(nn.relu(dense(512, 'dense1')(x))))
+    x = dropout(0.5)(batch_norm('bn6')(nn.relu(dense(256, 'dense2')(x))))
+    logits = dense(self.num_classes, 'logits')(x)
+    return logits.astype(jnp.float32)
+
+
+def l2_penalty(params, weight: float) -> jax.Array:
+  """Keras' L2 regulariser: `weight * sum(kernel**2)` for each regularised kernel."""
+  return weight * sum(jnp.sum(jnp.square(params[name]['kernel']))
+                      for name in L2_REGULARIZED_KERNELS)

@@ -1,0 +1,250 @@
+"""The training loop: train state, the jitted train step, and `train_and_evaluate`.
+
+Sections as in big_vision: config checks, mesh, data, model and state, checkpoint
+restore, compile, then the epoch loop (train, evaluate, log, checkpoint).
+"""
+
+import functools
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax.training import train_state
+
+from deepdigits import checkpointing, sharding
+from deepdigits.data import IMAGE_SHAPE, Split, epoch_permutation, load_datasets, scale_images
+from deepdigits.errors import ConfigError
+from deepdigits.evaluate import BatchNormRecalibrator, Evaluator
+from deepdigits.metrics_log import MetricsLog
+from deepdigits.model import CONV_IMPLS, DeepDigitsCNN, l2_penalty
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+class TrainState(train_state.TrainState):
+  """Flax's TrainState plus BatchNorm statistics and the base dropout key."""
+  batch_stats: Any
+  rng: jax.Array  # raw uint32 key; dropout uses fold_in(rng, step)
+
+
+# ---------------------------------------------------------------- config
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Rejects values that would fail later or train nonsense, before any work."""
+  positive = ('batch_size', 'eval_batch_size', 'learning_rate', 'checkpoint_every_epochs',
+              'max_to_keep')
+  non_negative = ('num_epochs', 'validation_size', 'train_subset',
+                  'bn_recalibration_batches', 'l2_weight')
+  for name in positive:
+    if not config[name] > 0:
+      raise ConfigError(f'--config.{name}={config[name]} must be > 0.')
+  for name in non_negative:
+    if config[name] < 0:
+      raise ConfigError(f'--config.{name}={config[name]} must be >= 0.')
+  if config.dtype not in DTYPES:
+    raise ConfigError(f'--config.dtype={config.dtype!r}: use one of {sorted(DTYPES)}.')
+  if config.conv_impl not in CONV_IMPLS + ('auto',):
+    raise ConfigError(f'--config.conv_impl={config.conv_impl!r}: use one of '
+                      f'{CONV_IMPLS + ("auto",)}.')
+
+
+def resolve_conv_impl(conv_impl: str) -> str:
+  """'auto' is the shifted-matmul convolution on CPU and XLA's own elsewhere."""
+  if conv_impl != 'auto':
+    return conv_impl
+  return 'shifted_matmul' if jax.default_backend() == 'cpu' else 'native'
+
+
+# ---------------------------------------------------------------- model and state
+
+
+def make_model(config) -> DeepDigitsCNN:
+  return DeepDigitsCNN(dtype=DTYPES[config.dtype],
+                       conv_impl=resolve_conv_impl(config.conv_impl))
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  return optax.adam(config.learning_rate, b1=config.adam_b1, b2=config.adam_b2,
+                    eps=config.adam_eps)
+
+
+def create_train_state(config, model: nn.Module, mesh) -> TrainState:
+  """A fresh state from config.seed, replicated over the mesh."""
+  def init(rng):
+    init_rng, dropout_rng = jax.random.split(rng)
+    variables = model.init(init_rng, jnp.zeros((1,) + IMAGE_SHAPE), train=False)
+    return TrainState.create(apply_fn=model.apply, params=variables['params'],
+                             batch_stats=variables['batch_stats'],
+                             tx=make_optimizer(config), rng=dropout_rng)
+  return jax.jit(init, out_shardings=sharding.replicated(mesh))(
+      jax.random.PRNGKey(config.seed))
+
+
+# ---------------------------------------------------------------- the step
+
+
+def train_step(model: nn.Module, l2_weight: float, state: TrainState, images, labels):
+  """One Adam step on a global batch of uint8 images; returns the new state and the
+  batch's sums of loss and correct predictions (pure)."""
+  dropout_rng = jax.random.fold_in(state.rng, state.step)
+
+  def loss_fn(params):
+    logits, updates = model.apply(
+        {'params': params, 'batch_stats': state.batch_stats}, scale_images(images),
+        train=True, rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
+    cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+    l2 = l2_penalty(params, l2_weight)
+    return cross_entropy + l2, (cross_entropy, l2, logits, updates['batch_stats'])
+
+  grads, (cross_entropy, l2, logits, batch_stats) = jax.grad(loss_fn, has_aux=True)(
+      state.params)
+  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  batch_size = labels.shape[0]
+  metrics = {'loss_sum': cross_entropy * batch_size,
+             'l2_sum': l2 * batch_size,
+             'correct': jnp.sum(jnp.argmax(logits, -1) == labels),
+             'count': jnp.asarray(batch_size, jnp.float32)}
+  return state, metrics
+
+
+def compile_train_step(config, model, mesh, state: TrainState):
+  """The train step compiled ahead of time for this state and batch shape, with the
+  state's buffers donated."""
+  step = jax.jit(functools.partial(train_step, model, config.l2_weight),
+                 donate_argnums=0,
+                 out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)))
+  batch = jax.ShapeDtypeStruct((config.batch_size,) + IMAGE_SHAPE, jnp.uint8,
+                               sharding=sharding.batch_sharding(mesh))
+  labels = jax.ShapeDtypeStruct((config.batch_size,), jnp.int32,
+                                sharding=sharding.batch_sharding(mesh))
+  return step.lower(state, batch, labels).compile()
+
+
+def epoch_batches(config, epoch: int, num_examples: int, steps_per_epoch: int):
+  """The global batches of an epoch as indices [steps_per_epoch, batch_size]; the
+  last partial batch is dropped (it differs every epoch when shuffling)."""
+  order = (epoch_permutation(config.seed, epoch, num_examples) if config.shuffle
+           else np.arange(num_examples))
+  return order[:steps_per_epoch * config.batch_size].reshape(steps_per_epoch, -1)
+
+
+# ---------------------------------------------------------------- the loop
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (resuming from workdir's latest checkpoint) and evaluates every epoch;
+  returns the last epoch's metrics record."""
+  # Config and mesh: every check that can fail does so before data or compilation.
+  check_config(config)
+  mesh = sharding.make_mesh()
+  sharding.check_divisible(config.batch_size, mesh)
+  sharding.check_divisible(config.eval_batch_size, mesh, 'eval_batch_size')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f'cannot create workdir {workdir!r}: {e.strerror}.') from None
+  if not os.access(workdir, os.W_OK):
+    raise ConfigError(f'workdir {workdir!r} is not writable; pick another --workdir.')
+
+  # Data.
+  datasets = load_datasets(config)
+  train_split = datasets['train']
+  steps_per_epoch = len(train_split) // config.batch_size
+  if steps_per_epoch == 0:
+    raise ConfigError(f'batch_size={config.batch_size} is larger than the '
+                      f'{len(train_split)} training images.')
+
+  # Model, state, checkpoint.
+  model = make_model(config)
+  state = create_train_state(config, model, mesh)
+  manager = checkpointing.make_manager(workdir, config.max_to_keep)
+  restored = checkpointing.restore_latest(manager, state)
+  if restored is not None:
+    state = restored
+  start_step = int(state.step)
+  log = MetricsLog(workdir)
+  log.keep_until(start_step)
+  say = print if jax.process_index() == 0 else (lambda *a, **k: None)
+  say(describe_run(config, model, mesh, state, datasets, steps_per_epoch, start_step))
+
+  # Compile.
+  start = time.perf_counter()
+  step_fn = compile_train_step(config, model, mesh, state)
+  say(f'train step compiled in {time.perf_counter() - start:.1f} s')
+  evaluator = Evaluator(model, mesh, config.eval_batch_size)
+  recalibrate = BatchNormRecalibrator(model, mesh)
+
+  record = log.records()[-1] if log.records() else {}
+  for epoch in range(start_step // steps_per_epoch, config.num_epochs):
+    index_batches = epoch_batches(config, epoch, len(train_split), steps_per_epoch)
+    skip = int(state.step) - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch
+    epoch_start = time.perf_counter()
+    sums = None
+    for images, labels in sharding.sharded_batches(
+        mesh, (train_split.images, train_split.labels), index_batches[skip:]):
+      state, metrics = step_fn(state, images, labels)
+      sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+    sums = jax.device_get(sums)
+    train_seconds = time.perf_counter() - epoch_start
+
+    record = {'epoch': epoch + 1, 'step': int(state.step),
+              'train_loss': float(sums['loss_sum'] / sums['count']),
+              'train_l2_penalty': float(sums['l2_sum'] / sums['count']),
+              'train_accuracy': float(sums['correct'] / sums['count'])}
+    record.update(evaluate_splits(config, evaluator, recalibrate, state, datasets,
+                                  index_batches))
+    record['epoch_seconds'] = time.perf_counter() - epoch_start
+    record['train_seconds'] = train_seconds
+    record['train_images_per_second'] = float(sums['count']) / train_seconds
+    log.write(record)
+
+    if (epoch + 1) % config.checkpoint_every_epochs == 0 or epoch + 1 == config.num_epochs:
+      checkpointing.save(manager, state)
+  manager.wait_until_finished()
+  manager.close()
+  return record
+
+
+def evaluate_splits(config, evaluator: Evaluator, recalibrate: BatchNormRecalibrator,
+                    state: TrainState, datasets: dict[str, Split],
+                    train_index_batches: np.ndarray) -> dict:
+  """Validation and test metrics with the running BatchNorm statistics and, if
+  config.bn_recalibration_batches > 0, with re-estimated ones ('_recalibrated')."""
+  variants = {'': state.batch_stats}
+  if config.bn_recalibration_batches:
+    variants['_recalibrated'] = recalibrate(
+        state.params, state.batch_stats, datasets['train'],
+        train_index_batches[:config.bn_recalibration_batches])
+  record = {}
+  for suffix, batch_stats in variants.items():
+    for name in ('validation', 'test'):
+      if name in datasets:
+        result = evaluator(state.params, batch_stats, datasets[name])
+        record[f'{name}_loss{suffix}'] = result['loss']
+        record[f'{name}_accuracy{suffix}'] = result['accuracy']
+        record[f'{name}_examples'] = result['examples']
+  return record
+
+
+def describe_run(config, model, mesh, state, datasets, steps_per_epoch, start_step) -> str:
+  """The few lines printed before training starts."""
+  params = sum(x.size for x in jax.tree.leaves(state.params))
+  stats = sum(x.size for x in jax.tree.leaves(state.batch_stats))
+  sizes = ', '.join(f'{name} {len(split):,}' for name, split in datasets.items())
+  lines = [
+      f'DeepDigitsCNN: {params + stats:,} numbers ({params:,} trained parameters + '
+      f'{stats:,} BatchNorm running statistics), dtype {config.dtype}, conv {model.conv_impl}',
+      f'mesh: {mesh.size} x {jax.devices()[0].device_kind} over {jax.process_count()} '
+      f'process(es); data: {sizes}',
+      f'{config.num_epochs} epochs x {steps_per_epoch} steps of {config.batch_size} images',
+  ]
+  if start_step:
+    lines.append(f'resuming from the checkpoint at step {start_step}')
+  return '\n'.join(lines)

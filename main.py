@@ -1,0 +1,39 @@
+"""Trains and evaluates DeepDigits: `python main.py --config=configs/mnist_tpu.py --workdir=DIR`.
+
+Kept thin on purpose, as in flax's examples: flags and platform set-up here, the work in
+`deepdigits.train`. Any config field can be overridden: `--config.learning_rate=3e-3`.
+"""
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.jsonl.')
+config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
+                                lock_config=True)
+flags.DEFINE_bool('distributed', False,
+                  'Call jax.distributed.initialize() first (multi-host: one process per '
+                  'host; the coordinator is auto-detected on TPU pods and SLURM).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO
+  import jax  # pylint: disable=g-import-not-at-top
+  from deepdigits.errors import DeepDigitsError  # pylint: disable=g-import-not-at-top
+  from deepdigits.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
+  if FLAGS.distributed:
+    jax.distributed.initialize()
+  try:
+    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except DeepDigitsError as e:
+    sys.exit(f'deepdigits: error: {e}')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,70 @@
+"""Tests run on the CPU backend with 8 fake devices, set before jax is imported."""
+
+import os
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8').strip()
+os.environ['JAX_PLATFORMS'] = 'cpu'
+
+import pathlib  # pylint: disable=g-import-not-at-top
+
+import numpy as np  # pylint: disable=g-import-not-at-top
+import pytest  # pylint: disable=g-import-not-at-top
+
+from deepdigits import data  # pylint: disable=g-import-not-at-top
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+MNIST_DIR = REPO.parent / 'shared' / 'data' / 'mnist'
+
+
+def write_idx(path, array: np.ndarray, magic: int) -> None:
+  """Writes an IDX file of unsigned bytes (the format of the MNIST files)."""
+  header = magic.to_bytes(4, 'big') + b''.join(
+      int(d).to_bytes(4, 'big') for d in array.shape)
+  pathlib.Path(path).write_bytes(header + np.ascontiguousarray(array, np.uint8).tobytes())
+
+
+def write_mnist_idx(directory, train: data.Split, test: data.Split) -> str:
+  """Writes the four MNIST IDX files (raw, not gzipped) for the given splits."""
+  for split, (images_stem, labels_stem) in (('train', data.IDX_STEMS['train']),
+                                            ('test', data.IDX_STEMS['test'])):
+    s = train if split == 'train' else test
+    write_idx(pathlib.Path(directory) / images_stem, s.images[..., 0],
+              data.IDX_IMAGES_MAGIC)
+    write_idx(pathlib.Path(directory) / labels_stem, s.labels, data.IDX_LABELS_MAGIC)
+  return str(directory)
+
+
+@pytest.fixture(scope='session')
+def mnist_dir() -> str:
+  if not (MNIST_DIR / 'train-images-idx3-ubyte.gz').exists():
+    pytest.fail(f'the real MNIST IDX files are expected in {MNIST_DIR} (../shared/data/mnist)')
+  return str(MNIST_DIR)
+
+
+@pytest.fixture(scope='session')
+def mnist(mnist_dir) -> dict:
+  return {split: data.read_idx_split(mnist_dir, split) for split in ('train', 'test')}
+
+
+@pytest.fixture(scope='session')
+def tiny_mnist_dir(tmp_path_factory, mnist) -> str:
+  """Real digits, few of them: 1,024 training and 300 test images as raw IDX files
+  (300 is not a multiple of any test batch size, so padding is exercised)."""
+  directory = tmp_path_factory.mktemp('tiny_mnist')
+  train = data.Split(mnist['train'].images[:1024], mnist['train'].labels[:1024])
+  test = data.Split(mnist['test'].images[:300], mnist['test'].labels[:300])
+  return write_mnist_idx(directory, train, test)
+
+
+def tiny_config(data_dir: str, **overrides):
+  """The default config shrunk for tests: small batches, one epoch, 8-device friendly."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.data_dir = data_dir
+  config.batch_size = 64
+  config.eval_batch_size = 64
+  config.num_epochs = 1
+  for name, value in overrides.items():
+    config[name] = value
+  return config

@@ -1,0 +1,84 @@
+"""The network is the original's: size, outputs, dropout, L2, convolution algorithms."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deepdigits.model import L2_REGULARIZED_KERNELS, DeepDigitsCNN, conv3x3_shifted_matmul, l2_penalty
+
+
+@pytest.fixture(scope='module')
+def variables():
+  return DeepDigitsCNN().init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), train=False)
+
+
+def test_parameter_and_batch_stats_count_is_the_originals(variables):
+  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+  assert count(variables['params']) + count(variables['batch_stats']) == 2_624_394
+  # BatchNorm: scale, bias, mean, variance over 32+64+128+256+512+256 channels.
+  bn = sum(count(variables['params'][f'bn{i}']) for i in range(1, 7))
+  assert bn + count(variables['batch_stats']) == 4_992
+  assert variables['params']['conv4']['kernel'].shape == (3, 3, 128, 256)
+  assert variables['params']['dense1']['kernel'].shape == (4096, 512)
+
+
+def test_output_shape_and_dtype(variables):
+  logits = DeepDigitsCNN().apply(variables, jnp.ones((5, 28, 28, 1)), train=False)
+  assert logits.shape == (5, 10) and logits.dtype == jnp.float32
+
+
+def test_eval_is_deterministic_and_dropout_follows_the_rng(variables):
+  model = DeepDigitsCNN()
+  x = jax.random.uniform(jax.random.PRNGKey(1), (4, 28, 28, 1))
+  np.testing.assert_array_equal(model.apply(variables, x, train=False),
+                                model.apply(variables, x, train=False))
+  run = lambda seed: model.apply(variables, x, train=True, mutable=['batch_stats'],
+                                 rngs={'dropout': jax.random.PRNGKey(seed)})[0]
+  np.testing.assert_array_equal(run(0), run(0))
+  assert np.abs(run(0) - run(1)).max() > 1e-3
+
+
+def test_l2_penalty_is_keras_l2_on_exactly_three_kernels(variables):
+  params = variables['params']
+  expected = sum(0.001 * np.sum(np.square(np.asarray(params[name]['kernel'], np.float64)))
+                 for name in ('conv4', 'dense1', 'dense2'))
+  assert L2_REGULARIZED_KERNELS == ('conv4', 'dense1', 'dense2')
+  np.testing.assert_allclose(l2_penalty(params, 0.001), expected, rtol=1e-5)
+  # Kernels outside the three do not count.
+  changed = jax.tree_util.tree_map(lambda x: x, params)
+  changed['conv1'] = {**params['conv1'], 'kernel': params['conv1']['kernel'] * 10}
+  changed['logits'] = {**params['logits'], 'kernel': params['logits']['kernel'] * 10}
+  np.testing.assert_allclose(l2_penalty(changed, 0.001), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize('cin,cout,size', [(1, 32, 28), (32, 64, 26), (128, 256, 10)])
+def test_shifted_matmul_conv_equals_lax_conv(cin, cout, size):
+  kx, kk = jax.random.split(jax.random.PRNGKey(cin))
+  x = jax.random.normal(kx, (3, size, size, cin))
+  kernel = jax.random.normal(kk, (3, 3, cin, cout)) / np.sqrt(9 * cin)
+  native = lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  np.testing.assert_allclose(conv3x3_shifted_matmul(x, kernel), native(x, kernel),
+                             rtol=1e-4, atol=1e-4)
+
+
+def test_conv_impls_give_the_same_network_outputs_and_gradients(variables):
+  x = jax.random.uniform(jax.random.PRNGKey(2), (8, 28, 28, 1))
+  labels = jnp.arange(8) % 10
+
+  def loss_and_grads(impl):
+    model = DeepDigitsCNN(conv_impl=impl)
+    def loss(params):
+      logits, _ = model.apply({'params': params, 'batch_stats': variables['batch_stats']},
+                              x, train=True, mutable=['batch_stats'],
+                              rngs={'dropout': jax.random.PRNGKey(0)})
+      return jax.nn.log_softmax(logits)[jnp.arange(8), labels].mean()
+    return jax.jit(jax.value_and_grad(loss))(variables['params'])
+
+  (loss_native, grads_native) = loss_and_grads('native')
+  (loss_shifted, grads_shifted) = loss_and_grads('shifted_matmul')
+  np.testing.assert_allclose(loss_native, loss_shifted, rtol=1e-5)
+  for g_native, g_shifted in zip(jax.tree.leaves(grads_native), jax.tree.leaves(grads_shifted)):
+    scale = np.abs(g_native).max() + 1e-12
+    np.testing.assert_allclose(g_shifted / scale, g_native / scale, atol=1e-4)
