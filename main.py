@@ -19,21 +19,44 @@ flags.DEFINE_bool('distributed', False,
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+def parse_flags(argv):
+  """absl's parsing, plus one clear line (not a traceback) for an unknown config field."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f'FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull for help.')
+  except OSError as e:  # config_flags: the config file failed to load
+    sys.exit(f'deepdigits: error: --config: {" ".join(str(e).split())}')
+  except (AttributeError, KeyError) as e:  # ml_collections: no such field
+    message = e
+    while isinstance(message, BaseException) and message.args:
+      message = message.args[0]
+    field, _, hint = str(message).partition('\n')
+    sys.exit(f'deepdigits: error: --config.{field.strip(chr(39))} is not a config field. '
+             f'{hint}'.strip())
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO
+  # Imported here so that flag and config errors come before jax's start-up time.
   import jax  # pylint: disable=g-import-not-at-top
   from deepdigits.errors import DeepDigitsError  # pylint: disable=g-import-not-at-top
   from deepdigits.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
   if FLAGS.distributed:
     jax.distributed.initialize()
   try:
-    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    config = FLAGS.config
+    config.get('seed')  # config_flags defers a failed load to the first access
+  except OSError as e:
+    sys.exit(f'deepdigits: error: --config: {" ".join(str(e).split())}')
+  try:
+    train_and_evaluate(config, FLAGS.workdir)
   except DeepDigitsError as e:
     sys.exit(f'deepdigits: error: {e}')
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

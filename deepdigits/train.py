@@ -90,21 +90,26 @@ def create_train_state(config, model: nn.Module, mesh) -> TrainState:
 # ---------------------------------------------------------------- the step
 
 
+def loss_fn(model: nn.Module, l2_weight: float, params, batch_stats, dropout_rng,
+            images, labels):
+  """Cross-entropy plus Keras' L2 terms on a batch of uint8 images (pure); the aux
+  holds the cross-entropy, the L2 term, the logits and the new BatchNorm statistics."""
+  logits, updates = model.apply(
+      {'params': params, 'batch_stats': batch_stats}, scale_images(images),
+      train=True, rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
+  cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  l2 = l2_penalty(params, l2_weight)
+  return cross_entropy + l2, (cross_entropy, l2, logits, updates['batch_stats'])
+
+
 def train_step(model: nn.Module, l2_weight: float, state: TrainState, images, labels):
-  """One Adam step on a global batch of uint8 images; returns the new state and the
-  batch's sums of loss and correct predictions (pure)."""
+  """One Adam step on a global batch; returns the new state and the batch's sums of
+  loss and correct predictions (pure). Dropout's key is the base key folded with the
+  step, so a resumed run draws the same masks."""
   dropout_rng = jax.random.fold_in(state.rng, state.step)
-
-  def loss_fn(params):
-    logits, updates = model.apply(
-        {'params': params, 'batch_stats': state.batch_stats}, scale_images(images),
-        train=True, rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
-    cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    l2 = l2_penalty(params, l2_weight)
-    return cross_entropy + l2, (cross_entropy, l2, logits, updates['batch_stats'])
-
-  grads, (cross_entropy, l2, logits, batch_stats) = jax.grad(loss_fn, has_aux=True)(
-      state.params)
+  grad_fn = jax.grad(functools.partial(loss_fn, model, l2_weight), has_aux=True)
+  grads, (cross_entropy, l2, logits, batch_stats) = grad_fn(
+      state.params, state.batch_stats, dropout_rng, images, labels)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
   batch_size = labels.shape[0]
   metrics = {'loss_sum': cross_entropy * batch_size,

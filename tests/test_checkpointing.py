@@ -1,0 +1,79 @@
+"""Orbax checkpoints: round trip, exact resume, and a clear error on a mismatch."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from deepdigits import checkpointing, sharding, train
+from deepdigits.errors import CheckpointError
+from deepdigits.model import DeepDigitsCNN
+
+
+def _state(config, model=None):
+  mesh = sharding.make_mesh()
+  model = model or train.make_model(config)
+  return train.create_train_state(config, model, mesh)
+
+
+def assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_round_trip_restores_equal_trees(tmp_path):
+  config = tiny_config('')
+  state = _state(config)
+  state = state.replace(step=state.step + 7,
+                        batch_stats=jax.tree.map(lambda x: x + 0.5, state.batch_stats))
+  manager = checkpointing.make_manager(str(tmp_path), max_to_keep=2)
+  checkpointing.save(manager, state)
+  manager.wait_until_finished()
+  fresh = _state(tiny_config('', seed=1))
+  restored = checkpointing.restore_latest(manager, fresh)
+  assert int(restored.step) == 7
+  assert_trees_equal((restored.params, restored.batch_stats, restored.opt_state, restored.rng),
+                     (state.params, state.batch_stats, state.opt_state, state.rng))
+  assert restored.params['conv1']['kernel'].sharding.is_fully_replicated
+
+
+def test_no_checkpoint_restores_nothing(tmp_path):
+  manager = checkpointing.make_manager(str(tmp_path), max_to_keep=2)
+  assert checkpointing.restore_latest(manager, _state(tiny_config(''))) is None
+
+
+def test_checkpoint_of_another_model_is_a_clear_error(tmp_path):
+  config = tiny_config('')
+  manager = checkpointing.make_manager(str(tmp_path), max_to_keep=2)
+  checkpointing.save(manager, _state(config, DeepDigitsCNN(num_classes=5)))
+  manager.wait_until_finished()
+  with pytest.raises(CheckpointError, match='does not fit this run'):
+    checkpointing.restore_latest(manager, _state(config))
+  assert (tmp_path / 'checkpoints' / '0').is_dir()  # nothing deleted
+
+
+def test_interrupted_run_resumes_to_the_same_result(tiny_mnist_dir, tmp_path):
+  config = lambda epochs: tiny_config(tiny_mnist_dir, num_epochs=epochs,
+                                      bn_recalibration_batches=2)
+  straight = train.train_and_evaluate(config(2), str(tmp_path / 'straight'))
+  train.train_and_evaluate(config(1), str(tmp_path / 'resumed'))  # "killed" after epoch 1
+  resumed = train.train_and_evaluate(config(2), str(tmp_path / 'resumed'))
+  for key in ('step', 'train_loss', 'train_accuracy', 'test_loss', 'test_accuracy',
+              'test_accuracy_recalibrated'):
+    assert straight[key] == resumed[key], key
+  assert straight['step'] == 2 * 16
+
+  final = {}
+  for name in ('straight', 'resumed'):
+    manager = checkpointing.make_manager(str(tmp_path / name), max_to_keep=3)
+    final[name] = checkpointing.restore_latest(manager, _state(config(2)))
+    assert manager.all_steps() == [16, 32]
+  assert_trees_equal(final['straight'].params, final['resumed'].params)
+  assert_trees_equal(final['straight'].opt_state, final['resumed'].opt_state)
+  assert_trees_equal(final['straight'].batch_stats, final['resumed'].batch_stats)
+
+  metrics = [line for line in (tmp_path / 'resumed' / 'metrics.jsonl').read_text().splitlines()]
+  assert [json.loads(m)['epoch'] for m in metrics] == [1, 2]

@@ -1,0 +1,143 @@
+"""The train step, data parallelism, evaluation and BatchNorm recalibration."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from conftest import tiny_config
+from deepdigits import sharding, train
+from deepdigits.data import Split, scale_images
+from deepdigits.errors import ConfigError
+from deepdigits.evaluate import BatchNormRecalibrator, Evaluator
+
+
+def mesh_of(num_devices: int) -> Mesh:
+  return jax.make_mesh((num_devices,), (sharding.DATA_AXIS,),
+                       axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=jax.devices()[:num_devices])
+
+
+@pytest.fixture(scope='module')
+def batch(mnist):
+  return mnist['train'].images[:64], mnist['train'].labels[:64]
+
+
+@pytest.fixture(scope='module')
+def model_and_state():
+  config = tiny_config('')
+  model = train.make_model(config)
+  return model, train.create_train_state(config, model, mesh_of(1))
+
+
+def test_eight_fake_devices_are_present():
+  assert jax.device_count() == 8
+
+
+def test_one_and_eight_devices_give_the_same_loss_gradients_and_batch_stats(
+    model_and_state, batch):
+  model, state = model_and_state
+  results = {}
+  for n in (1, 8):
+    mesh = mesh_of(n)
+    params, batch_stats = jax.device_put((state.params, state.batch_stats),
+                                         sharding.replicated(mesh))
+    images, labels = sharding.global_batch(mesh, *batch)
+    assert len(images.sharding.device_set) == n
+    grad_fn = jax.jit(jax.grad(functools.partial(train.loss_fn, model, 1e-3), has_aux=True))
+    grads, (loss, _, _, new_stats) = grad_fn(params, batch_stats, jax.random.PRNGKey(3),
+                                             images, labels)
+    results[n] = jax.device_get((loss, grads, new_stats))
+  (loss1, grads1, stats1), (loss8, grads8, stats8) = results[1], results[8]
+  np.testing.assert_allclose(loss1, loss8, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads1), jax.tree.leaves(grads8)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(a).max())
+  for a, b in zip(jax.tree.leaves(stats1), jax.tree.leaves(stats8)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # The statistics are those of the global batch: bn1's new mean moved by 1% of the
+  # 64-image batch mean (momentum 0.99), not of an 8-image shard.
+  assert np.abs(stats1['bn1']['mean']).max() > 0
+
+
+def test_train_steps_on_a_fixed_batch_drive_the_loss_down(batch):
+  config = tiny_config('')
+  mesh = mesh_of(8)
+  model = train.make_model(config)
+  state = train.create_train_state(config, model, mesh)
+  step = train.compile_train_step(config, model, mesh, state)
+  images, labels = sharding.global_batch(mesh, *batch)
+  losses = []
+  for _ in range(15):
+    state, metrics = step(state, images, labels)
+    losses.append(float(metrics['loss_sum'] / metrics['count']))
+  assert int(state.step) == 15
+  assert losses[0] > 1.5 and losses[-1] < 0.3 * losses[0], losses
+
+
+def test_evaluation_counts_every_example_once_on_any_device_count(model_and_state, mnist):
+  model, state = model_and_state
+  split = Split(mnist['test'].images[:300], mnist['test'].labels[:300])
+  logits = model.apply({'params': state.params, 'batch_stats': state.batch_stats},
+                       scale_images(split.images), train=False)
+  logits = np.asarray(logits, np.float64)
+  log_probs = logits - logits.max(1, keepdims=True)
+  log_probs -= np.log(np.exp(log_probs).sum(1, keepdims=True))
+  expected_loss = -log_probs[np.arange(300), split.labels].mean()
+  expected_correct = int((logits.argmax(1) == split.labels).sum())
+  for devices, batch_size in ((8, 64), (8, 296), (1, 7), (8, 512)):
+    mesh = mesh_of(devices)
+    params, batch_stats = jax.device_put((state.params, state.batch_stats),
+                                         sharding.replicated(mesh))
+    result = Evaluator(model, mesh, batch_size)(params, batch_stats, split)
+    assert result['examples'] == 300
+    assert result['errors'] == 300 - expected_correct
+    np.testing.assert_allclose(result['accuracy'], expected_correct / 300)
+    np.testing.assert_allclose(result['loss'], expected_loss, rtol=1e-5)
+
+
+def test_eval_batch_size_must_divide_by_devices(model_and_state):
+  with pytest.raises(ConfigError, match='eval_batch_size=100 does not divide by the 8'):
+    Evaluator(model_and_state[0], mesh_of(8), 100)
+
+
+def test_bn_recalibration_is_the_exact_average_over_batches(model_and_state, mnist):
+  model, state = model_and_state
+  split = Split(mnist['train'].images[:256], mnist['train'].labels[:256])
+  index_batches = np.arange(256).reshape(4, 64)[[2, 0]]  # two batches, any order
+  mesh = mesh_of(8)
+  params, batch_stats = jax.device_put((state.params, state.batch_stats),
+                                       sharding.replicated(mesh))
+  stats = BatchNormRecalibrator(model, mesh)(params, batch_stats, split, index_batches)
+  # bn1 sees relu(conv1(x)) directly: compute its batch moments by hand.
+  kernel = np.asarray(state.params['conv1']['kernel'])
+  bias = np.asarray(state.params['conv1']['bias'])
+  means, variances = [], []
+  for rows in index_batches:
+    x = np.asarray(scale_images(split.images[rows]), np.float64)
+    out = jax.lax.conv_general_dilated(x, kernel.astype(np.float64), (1, 1), 'VALID',
+                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    act = np.maximum(np.asarray(out) + bias, 0).reshape(-1, 32)
+    means.append(act.mean(0))
+    variances.append(act.var(0))
+  np.testing.assert_allclose(stats['bn1']['mean'], np.mean(means, 0), rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(stats['bn1']['var'], np.mean(variances, 0), rtol=1e-4, atol=1e-6)
+  # The running statistics are untouched and all six layers were re-estimated.
+  assert set(stats) == {f'bn{i}' for i in range(1, 7)}
+  assert np.all(np.asarray(state.batch_stats['bn1']['var']) == 1)
+
+
+def test_bad_config_values_fail_with_clear_errors():
+  for field, value, message in (('num_epochs', -1, 'num_epochs=-1 must be >= 0'),
+                                ('batch_size', 0, 'batch_size=0 must be > 0'),
+                                ('dtype', 'float16', "dtype='float16': use one of"),
+                                ('conv_impl', 'fft', "conv_impl='fft': use one of")):
+    with pytest.raises(ConfigError, match=message):
+      train.check_config(tiny_config('', **{field: value}))
+
+
+def test_batch_size_must_divide_by_the_device_count(tiny_mnist_dir, tmp_path):
+  with pytest.raises(ConfigError, match='batch_size=100 does not divide by the 8 devices'):
+    train.train_and_evaluate(tiny_config(tiny_mnist_dir, batch_size=100), str(tmp_path))
