@@ -7,6 +7,7 @@ Every split is held in host memory as images uint8 [N, 28, 28, 1] and labels int
 
 import dataclasses
 import gzip
+import importlib.util
 import os
 from typing import Optional
 
@@ -123,13 +124,17 @@ def read_tfds_split(split: str, tfds_data_dir: Optional[str]) -> Split:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:
     source = tfds.data_source('mnist', split=split, data_dir=tfds_data_dir or None)
-  except Exception as e:  # download, TensorFlow or file-system failures alike
-    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+  except Exception as e:  # not prepared, no TensorFlow, no network: all end here
+    if importlib.util.find_spec('tensorflow') is None:
+      reason = ('it is not prepared in the TFDS data folder, and preparing it needs '
+                'TensorFlow, which is not installed')
+    else:
+      lines = str(e).strip().splitlines() or [type(e).__name__]
+      reason = f'{type(e).__name__}: {lines[0][:200]}'
     raise DataError(
-        f'tensorflow-datasets could not load or prepare mnist ({type(e).__name__}: '
-        f'{reason[:200]}). Without network or TensorFlow, use the IDX files instead: '
-        f'{IDX_HINT} With network, `pip install -e ".[tfds]"` lets tensorflow-datasets '
-        'prepare it once.') from None
+        f'tensorflow-datasets could not load mnist ({reason}). {IDX_HINT} Or, on a '
+        'machine with network, `pip install -e ".[tfds]"` lets tensorflow-datasets '
+        'download and prepare it once.') from None
   records = [source[i] for i in range(len(source))]
   images = np.stack([r['image'] for r in records]) if records else np.zeros(
       (0,) + IMAGE_SHAPE, np.uint8)
