@@ -22,7 +22,7 @@ from deepdigits.data import IMAGE_SHAPE, Split, epoch_permutation, load_datasets
 from deepdigits.errors import ConfigError
 from deepdigits.evaluate import BatchNormRecalibrator, Evaluator
 from deepdigits.metrics_log import MetricsLog
-from deepdigits.model import CONV_IMPLS, DeepDigitsCNN, l2_penalty
+from deepdigits.model import CONV_IMPLS, POOL_IMPLS, DeepDigitsCNN, l2_penalty
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -50,16 +50,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f'--config.{name}={config[name]} must be >= 0.')
   if config.dtype not in DTYPES:
     raise ConfigError(f'--config.dtype={config.dtype!r}: use one of {sorted(DTYPES)}.')
-  if config.conv_impl not in CONV_IMPLS + ('auto',):
-    raise ConfigError(f'--config.conv_impl={config.conv_impl!r}: use one of '
-                      f'{CONV_IMPLS + ("auto",)}.')
+  for name, choices in (('conv_impl', CONV_IMPLS), ('pool_impl', POOL_IMPLS)):
+    if config[name] not in choices + ('auto',):
+      raise ConfigError(f'--config.{name}={config[name]!r}: use one of '
+                        f'{choices + ("auto",)}.')
 
 
-def resolve_conv_impl(conv_impl: str) -> str:
-  """'auto' is the shifted-matmul convolution on CPU and XLA's own elsewhere."""
-  if conv_impl != 'auto':
-    return conv_impl
-  return 'shifted_matmul' if jax.default_backend() == 'cpu' else 'native'
+def resolve_impl(impl: str, cpu_choice: str) -> str:
+  """'auto' is the CPU-friendly formulation on CPU and XLA's own op elsewhere."""
+  if impl != 'auto':
+    return impl
+  return cpu_choice if jax.default_backend() == 'cpu' else 'native'
 
 
 # ---------------------------------------------------------------- model and state
@@ -67,7 +68,8 @@ def resolve_conv_impl(conv_impl: str) -> str:
 
 def make_model(config) -> DeepDigitsCNN:
   return DeepDigitsCNN(dtype=DTYPES[config.dtype],
-                       conv_impl=resolve_conv_impl(config.conv_impl))
+                       conv_impl=resolve_impl(config.conv_impl, 'shifted_matmul'),
+                       pool_impl=resolve_impl(config.pool_impl, 'strided_views'))
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -245,7 +247,8 @@ def describe_run(config, model, mesh, state, datasets, steps_per_epoch, start_st
   sizes = ', '.join(f'{name} {len(split):,}' for name, split in datasets.items())
   lines = [
       f'DeepDigitsCNN: {params + stats:,} numbers ({params:,} trained parameters + '
-      f'{stats:,} BatchNorm running statistics), dtype {config.dtype}, conv {model.conv_impl}',
+      f'{stats:,} BatchNorm running statistics), dtype {config.dtype}, '
+      f'conv {model.conv_impl}, pool {model.pool_impl}',
       f'mesh: {mesh.size} x {jax.devices()[0].device_kind} over {jax.process_count()} '
       f'process(es); data: {sizes}',
       f'{config.num_epochs} epochs x {steps_per_epoch} steps of {config.batch_size} images',

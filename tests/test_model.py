@@ -5,7 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepdigits.model import L2_REGULARIZED_KERNELS, DeepDigitsCNN, conv3x3_shifted_matmul, l2_penalty
+import flax.linen as nn
+
+from deepdigits.model import (L2_REGULARIZED_KERNELS, DeepDigitsCNN, conv3x3_shifted_matmul,
+                              l2_penalty, max_pool_2x2_strided)
 
 
 @pytest.fixture(scope='module')
@@ -63,12 +66,24 @@ def test_shifted_matmul_conv_equals_lax_conv(cin, cout, size):
                              rtol=1e-4, atol=1e-4)
 
 
+def test_strided_max_pool_equals_nn_max_pool_with_ties():
+  # Few distinct values, so many windows hold ties: the gradient must go to the same
+  # (first) maximum as XLA's select-and-scatter picks.
+  x = jax.random.randint(jax.random.PRNGKey(0), (4, 8, 8, 3), 0, 3).astype(jnp.float32)
+  g = jax.random.normal(jax.random.PRNGKey(1), (4, 4, 4, 3))
+  native = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2), padding='VALID')
+  np.testing.assert_array_equal(max_pool_2x2_strided(x), native(x))
+  grad = lambda f: jax.vjp(f, x)[1](g)[0]
+  np.testing.assert_array_equal(grad(max_pool_2x2_strided), grad(native))
+  assert np.count_nonzero(grad(native)) == g.size  # one winner per window
+
+
 def test_conv_impls_give_the_same_network_outputs_and_gradients(variables):
   x = jax.random.uniform(jax.random.PRNGKey(2), (8, 28, 28, 1))
   labels = jnp.arange(8) % 10
 
-  def loss_and_grads(impl):
-    model = DeepDigitsCNN(conv_impl=impl)
+  def loss_and_grads(conv_impl, pool_impl):
+    model = DeepDigitsCNN(conv_impl=conv_impl, pool_impl=pool_impl)
     def loss(params):
       logits, _ = model.apply({'params': params, 'batch_stats': variables['batch_stats']},
                               x, train=True, mutable=['batch_stats'],
@@ -76,8 +91,8 @@ def test_conv_impls_give_the_same_network_outputs_and_gradients(variables):
       return jax.nn.log_softmax(logits)[jnp.arange(8), labels].mean()
     return jax.jit(jax.value_and_grad(loss))(variables['params'])
 
-  (loss_native, grads_native) = loss_and_grads('native')
-  (loss_shifted, grads_shifted) = loss_and_grads('shifted_matmul')
+  (loss_native, grads_native) = loss_and_grads('native', 'native')
+  (loss_shifted, grads_shifted) = loss_and_grads('shifted_matmul', 'strided_views')
   np.testing.assert_allclose(loss_native, loss_shifted, rtol=1e-5)
   for g_native, g_shifted in zip(jax.tree.leaves(grads_native), jax.tree.leaves(grads_shifted)):
     scale = np.abs(g_native).max() + 1e-12
