@@ -9,6 +9,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from deepdigits.cli import loaded_config, parse_flags
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.jsonl.')
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
@@ -17,23 +19,6 @@ flags.DEFINE_bool('distributed', False,
                   'Call jax.distributed.initialize() first (multi-host: one process per '
                   'host; the coordinator is auto-detected on TPU pods and SLURM).')
 flags.mark_flags_as_required(['config', 'workdir'])
-
-
-def parse_flags(argv):
-  """absl's parsing, plus one clear line (not a traceback) for an unknown config field."""
-  try:
-    return FLAGS(argv)
-  except flags.Error as e:
-    sys.exit(f'FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull for help.')
-  except OSError as e:  # config_flags: the config file failed to load
-    sys.exit(f'deepdigits: error: --config: {" ".join(str(e).split())}')
-  except (AttributeError, KeyError) as e:  # ml_collections: no such field
-    message = e
-    while isinstance(message, BaseException) and message.args:
-      message = message.args[0]
-    field, _, hint = str(message).partition('\n')
-    sys.exit(f'deepdigits: error: --config.{field.strip(chr(39))} is not a config field. '
-             f'{hint}'.strip())
 
 
 def main(argv):
@@ -48,12 +33,7 @@ def main(argv):
   if FLAGS.distributed:
     jax.distributed.initialize()
   try:
-    config = FLAGS.config
-    config.get('seed')  # config_flags defers a failed load to the first access
-  except OSError as e:
-    sys.exit(f'deepdigits: error: --config: {" ".join(str(e).split())}')
-  try:
-    train_and_evaluate(config, FLAGS.workdir)
+    train_and_evaluate(loaded_config(), FLAGS.workdir)
   except DeepDigitsError as e:
     sys.exit(f'deepdigits: error: {e}')
 

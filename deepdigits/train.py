@@ -56,20 +56,25 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                         f'{choices + ("auto",)}.')
 
 
-def resolve_impl(impl: str, cpu_choice: str) -> str:
-  """'auto' is the CPU-friendly formulation on CPU and XLA's own op elsewhere."""
+def resolve_impl(impl: str, cpu_choice: str, differentiated: bool) -> str:
+  """'auto' is XLA's own op, except in the differentiated (training) pass on CPU, where
+  XLA's convolution and pooling gradients are slow and `cpu_choice` is the same function
+  computed faster. Forward-only passes (evaluation) are fastest native on CPU too."""
   if impl != 'auto':
     return impl
-  return cpu_choice if jax.default_backend() == 'cpu' else 'native'
+  return cpu_choice if differentiated and jax.default_backend() == 'cpu' else 'native'
 
 
 # ---------------------------------------------------------------- model and state
 
 
-def make_model(config) -> DeepDigitsCNN:
-  return DeepDigitsCNN(dtype=DTYPES[config.dtype],
-                       conv_impl=resolve_impl(config.conv_impl, 'shifted_matmul'),
-                       pool_impl=resolve_impl(config.pool_impl, 'strided_views'))
+def make_model(config, differentiated: bool = True) -> DeepDigitsCNN:
+  """The network for the train step (differentiated) or for evaluation; both compute the
+  same function with the same parameters."""
+  return DeepDigitsCNN(
+      dtype=DTYPES[config.dtype],
+      conv_impl=resolve_impl(config.conv_impl, 'shifted_matmul', differentiated),
+      pool_impl=resolve_impl(config.pool_impl, 'strided_views', differentiated))
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -170,6 +175,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   # Model, state, checkpoint.
   model = make_model(config)
+  eval_model = make_model(config, differentiated=False)
   state = create_train_state(config, model, mesh)
   manager = checkpointing.make_manager(workdir, config.max_to_keep)
   restored = checkpointing.restore_latest(manager, state)
@@ -179,16 +185,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   log = MetricsLog(workdir)
   log.keep_until(start_step)
   say = print if jax.process_index() == 0 else (lambda *a, **k: None)
-  say(describe_run(config, model, mesh, state, datasets, steps_per_epoch, start_step))
+  say(describe_run(config, model, eval_model, mesh, state, datasets, steps_per_epoch,
+                   start_step))
 
   # Compile.
   start = time.perf_counter()
   step_fn = compile_train_step(config, model, mesh, state)
   say(f'train step compiled in {time.perf_counter() - start:.1f} s')
-  evaluator = Evaluator(model, mesh, config.eval_batch_size)
-  recalibrate = BatchNormRecalibrator(model, mesh)
+  evaluator = Evaluator(eval_model, mesh, config.eval_batch_size)
+  recalibrate = BatchNormRecalibrator(eval_model, mesh)
 
-  record = log.records()[-1] if log.records() else {}
+  previous = log.records()
+  record = previous[-1] if previous else {}  # returned as is if training is complete
   for epoch in range(start_step // steps_per_epoch, config.num_epochs):
     index_batches = epoch_batches(config, epoch, len(train_split), steps_per_epoch)
     skip = int(state.step) - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch
@@ -240,7 +248,8 @@ def evaluate_splits(config, evaluator: Evaluator, recalibrate: BatchNormRecalibr
   return record
 
 
-def describe_run(config, model, mesh, state, datasets, steps_per_epoch, start_step) -> str:
+def describe_run(config, model, eval_model, mesh, state, datasets, steps_per_epoch,
+                 start_step) -> str:
   """The few lines printed before training starts."""
   params = sum(x.size for x in jax.tree.leaves(state.params))
   stats = sum(x.size for x in jax.tree.leaves(state.batch_stats))
@@ -248,7 +257,8 @@ def describe_run(config, model, mesh, state, datasets, steps_per_epoch, start_st
   lines = [
       f'DeepDigitsCNN: {params + stats:,} numbers ({params:,} trained parameters + '
       f'{stats:,} BatchNorm running statistics), dtype {config.dtype}, '
-      f'conv {model.conv_impl}, pool {model.pool_impl}',
+      f'conv {model.conv_impl}, pool {model.pool_impl} (evaluation: conv '
+      f'{eval_model.conv_impl}, pool {eval_model.pool_impl})',
       f'mesh: {mesh.size} x {jax.devices()[0].device_kind} over {jax.process_count()} '
       f'process(es); data: {sizes}',
       f'{config.num_epochs} epochs x {steps_per_epoch} steps of {config.batch_size} images',

@@ -1,0 +1,146 @@
+"""Times the trainer's own train and eval steps: `python -m deepdigits.benchmark --config=...`.
+
+The train step is the one `train_and_evaluate` compiles, fed by the same host pipeline
+(`sharding.sharded_batches` over uint8 arrays); the eval figure is `Evaluator` over whole
+batches. Each figure is the median of several timed windows after a warm-up window.
+With `--config.data_dir` the real MNIST training images are used, else random bytes
+(the speed does not depend on the pixel values).
+"""
+
+import resource
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from deepdigits import sharding, train
+from deepdigits.cli import loaded_config, parse_flags
+from deepdigits.data import IMAGE_SHAPE, Split, read_idx_split
+from deepdigits.errors import DeepDigitsError
+from deepdigits.evaluate import Evaluator
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
+                                lock_config=True)
+flags.DEFINE_integer('steps', 20, 'Train steps per timed window.')
+flags.DEFINE_integer('windows', 5, 'Timed windows (after one warm-up window).')
+flags.DEFINE_integer('eval_batches', 10, 'Eval batches per timed window.')
+flags.mark_flags_as_required(['config'])
+
+
+def timed_windows(run_window, windows: int) -> list[float]:
+  """Seconds of each of `windows` calls of run_window, after one warm-up call."""
+  run_window()
+  seconds = []
+  for _ in range(windows):
+    start = time.perf_counter()
+    run_window()
+    seconds.append(time.perf_counter() - start)
+  return seconds
+
+
+def benchmark_images(config, num_images: int) -> Split:
+  if config.data_dir:
+    train_split = read_idx_split(config.data_dir, 'train')
+    reps = -(-num_images // len(train_split))
+    return Split(np.tile(train_split.images, (reps, 1, 1, 1))[:num_images],
+                 np.tile(train_split.labels, reps)[:num_images])
+  rng = np.random.default_rng(0)
+  return Split(rng.integers(0, 256, (num_images,) + IMAGE_SHAPE, dtype=np.uint8),
+               rng.integers(0, 10, num_images).astype(np.int32))
+
+
+def run_benchmark(config, steps: int, windows: int, eval_batches: int) -> dict:
+  """Measures and returns the figures (also printed)."""
+  train.check_config(config)
+  mesh = sharding.make_mesh()
+  sharding.check_divisible(config.batch_size, mesh)
+  model = train.make_model(config)
+  state = train.create_train_state(config, model, mesh)
+  images = benchmark_images(config, max(steps * config.batch_size,
+                                        eval_batches * config.eval_batch_size))
+  index_batches = np.arange(steps * config.batch_size).reshape(steps, config.batch_size)
+
+  start = time.perf_counter()
+  step_fn = train.compile_train_step(config, model, mesh, state)
+  compile_seconds = time.perf_counter() - start
+
+  def train_window():
+    nonlocal state
+    for batch in sharding.sharded_batches(mesh, (images.images, images.labels),
+                                          index_batches):
+      state, metrics = step_fn(state, *batch)
+    jax.block_until_ready(metrics)
+
+  def input_window():  # the host pipeline alone, as the trainer runs it
+    for batch in sharding.sharded_batches(mesh, (images.images, images.labels),
+                                          index_batches):
+      jax.block_until_ready(batch)
+
+  train_seconds = timed_windows(train_window, windows)
+  input_seconds = timed_windows(input_window, windows)
+
+  eval_model = train.make_model(config, differentiated=False)
+  evaluator = Evaluator(eval_model, mesh, config.eval_batch_size)
+  eval_split = Split(images.images[:eval_batches * config.eval_batch_size],
+                     images.labels[:eval_batches * config.eval_batch_size])
+  start = time.perf_counter()
+  evaluator(state.params, state.batch_stats, Split(eval_split.images[:config.eval_batch_size],
+                                                   eval_split.labels[:config.eval_batch_size]))
+  eval_compile_seconds = time.perf_counter() - start
+  eval_seconds = timed_windows(
+      lambda: evaluator(state.params, state.batch_stats, eval_split), windows)
+
+  train_rate = [steps * config.batch_size / s for s in train_seconds]
+  eval_rate = [len(eval_split) / s for s in eval_seconds]
+  result = {
+      'devices': jax.device_count(), 'device_kind': jax.devices()[0].device_kind,
+      'dtype': config.dtype, 'conv_impl': model.conv_impl, 'pool_impl': model.pool_impl,
+      'eval_conv_impl': eval_model.conv_impl,
+      'batch_size': config.batch_size, 'eval_batch_size': config.eval_batch_size,
+      'train_compile_seconds': compile_seconds,
+      'train_images_per_second': statistics.median(train_rate),
+      'train_ms_per_step': 1000 * statistics.median(train_seconds) / steps,
+      'input_ms_per_step': 1000 * statistics.median(input_seconds) / steps,
+      'eval_compile_seconds': eval_compile_seconds,
+      'eval_images_per_second': statistics.median(eval_rate),
+      'peak_host_memory_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+  }
+  r = result
+  print(f"deepdigits benchmark: {r['devices']} x {r['device_kind']}, dtype {r['dtype']}, "
+        f"conv {r['conv_impl']}, pool {r['pool_impl']} (eval conv {r['eval_conv_impl']}), "
+        f"train batch {r['batch_size']}, "
+        f"eval batch {r['eval_batch_size']}")
+  print(f"train step: {r['train_images_per_second']:.0f} img/s (median of {windows} windows "
+        f"of {steps} steps; min {min(train_rate):.0f}, max {max(train_rate):.0f}), "
+        f"{r['train_ms_per_step']:.1f} ms/step, compile {compile_seconds:.1f} s")
+  print(f"input pipeline alone: {r['input_ms_per_step']:.2f} ms/step "
+        f"({100 * r['input_ms_per_step'] / r['train_ms_per_step']:.1f}% of the step)")
+  print(f"eval step: {r['eval_images_per_second']:.0f} img/s (median of {windows} windows "
+        f"of {eval_batches} batches; min {min(eval_rate):.0f}, max {max(eval_rate):.0f}), "
+        f"{r['eval_images_per_second'] / r['train_images_per_second']:.1f}x the train step, "
+        f"compile {eval_compile_seconds:.1f} s")
+  print(f"peak host memory: {r['peak_host_memory_gib']:.2f} GiB")
+  print(f"RESULT framework=deepdigits-jax batch={r['batch_size']} dtype={r['dtype']} "
+        f"imgs_per_s={r['train_images_per_second']:.1f} "
+        f"eval_imgs_per_s={r['eval_images_per_second']:.1f}")
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+  try:
+    run_benchmark(loaded_config(), FLAGS.steps, FLAGS.windows, FLAGS.eval_batches)
+  except DeepDigitsError as e:
+    sys.exit(f'deepdigits: error: {e}')
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)
