@@ -29,11 +29,15 @@ def main(argv):
   # Imported here so that flag and config errors come before jax's start-up time.
   import jax  # pylint: disable=g-import-not-at-top
   from deepdigits.errors import DeepDigitsError  # pylint: disable=g-import-not-at-top
+  from deepdigits.preemption import Preempted  # pylint: disable=g-import-not-at-top
   from deepdigits.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
   if FLAGS.distributed:
     jax.distributed.initialize()
   try:
     train_and_evaluate(loaded_config(), FLAGS.workdir)
+  except Preempted as e:
+    print(f'deepdigits: {e}', file=sys.stderr)
+    sys.exit(e.exit_code)
   except DeepDigitsError as e:
     sys.exit(f'deepdigits: error: {e}')
 

@@ -54,6 +54,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Checkpoints in workdir/checkpoints (Orbax); a restarted run resumes from the latest.
   config.checkpoint_every_epochs = 1
+  # Also save every N steps within epochs (0 = only at epoch ends); for long epochs.
+  config.checkpoint_every_steps = 0
   config.max_to_keep = 3
 
   return config

@@ -15,3 +15,7 @@ class ConfigError(DeepDigitsError):
 
 class CheckpointError(DeepDigitsError):
   """A checkpoint cannot be restored into this run."""
+
+
+class NonFiniteError(DeepDigitsError):
+  """The loss or its gradients became NaN or Inf."""

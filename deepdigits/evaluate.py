@@ -54,9 +54,12 @@ class Evaluator:
     padded = pad_to_batches(split, self.batch_size)
     index_batches = np.arange(len(padded[0])).reshape(-1, self.batch_size)
     totals = None
-    for images, labels, mask in sharding.sharded_batches(self.mesh, padded, index_batches):
+    for i, (images, labels, mask) in enumerate(
+        sharding.sharded_batches(self.mesh, padded, index_batches)):
       sums = self._step(params, batch_stats, images, labels, mask)
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+      if i % sharding.MAX_STEPS_IN_FLIGHT == 0:
+        jax.block_until_ready(totals)
     totals = jax.device_get(totals)
     count = int(totals['count'])
     return {'loss': float(totals['loss_sum']) / count,
@@ -94,7 +97,10 @@ class BatchNormRecalibrator:
   def __call__(self, params, batch_stats, split: Split, index_batches: np.ndarray):
     """Batch statistics averaged over the global batches `index_batches` of split."""
     total = None
-    for (images,) in sharding.sharded_batches(self.mesh, (split.images,), index_batches):
+    for i, (images,) in enumerate(
+        sharding.sharded_batches(self.mesh, (split.images,), index_batches)):
       moments = self._moments(params, batch_stats, images)
       total = moments if total is None else jax.tree.map(jnp.add, total, moments)
+      if i % sharding.MAX_STEPS_IN_FLIGHT == 0:
+        jax.block_until_ready(total)
     return jax.tree.map(lambda t: t / len(index_batches), total)

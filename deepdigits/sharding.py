@@ -12,6 +12,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from deepdigits.errors import ConfigError
 
 DATA_AXIS = 'data'
+# The host dispatches at most this many steps ahead of the devices: enough to hide
+# dispatch, and it bounds queued work (XLA:CPU's in-process collectives over many fake
+# devices deadlock, starving their thread pool, when dozens of steps are queued).
+MAX_STEPS_IN_FLIGHT = 2
 
 
 def make_mesh() -> Mesh:

@@ -4,6 +4,7 @@ Sections as in big_vision: config checks, mesh, data, model and state, checkpoin
 restore, compile, then the epoch loop (train, evaluate, log, checkpoint).
 """
 
+import collections
 import functools
 import os
 import time
@@ -17,12 +18,13 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from deepdigits import checkpointing, sharding
+from deepdigits import checkpointing, rundir, sharding
 from deepdigits.data import IMAGE_SHAPE, Split, epoch_permutation, load_datasets, scale_images
-from deepdigits.errors import ConfigError
+from deepdigits.errors import ConfigError, NonFiniteError
 from deepdigits.evaluate import BatchNormRecalibrator, Evaluator
 from deepdigits.metrics_log import MetricsLog
 from deepdigits.model import CONV_IMPLS, POOL_IMPLS, DeepDigitsCNN, l2_penalty
+from deepdigits.preemption import Preempted, PreemptionGuard
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -31,6 +33,7 @@ class TrainState(train_state.TrainState):
   """Flax's TrainState plus BatchNorm statistics and the base dropout key."""
   batch_stats: Any
   rng: jax.Array  # raw uint32 key; dropout uses fold_in(rng, step)
+  nonfinite_step: jax.Array  # first step whose loss or gradients were not finite, or -1
 
 
 # ---------------------------------------------------------------- config
@@ -41,7 +44,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   positive = ('batch_size', 'eval_batch_size', 'learning_rate', 'checkpoint_every_epochs',
               'max_to_keep')
   non_negative = ('num_epochs', 'validation_size', 'train_subset',
-                  'bn_recalibration_batches', 'l2_weight')
+                  'bn_recalibration_batches', 'l2_weight', 'checkpoint_every_steps')
   for name in positive:
     if not config[name] > 0:
       raise ConfigError(f'--config.{name}={config[name]} must be > 0.')
@@ -89,7 +92,8 @@ def create_train_state(config, model: nn.Module, mesh) -> TrainState:
     variables = model.init(init_rng, jnp.zeros((1,) + IMAGE_SHAPE), train=False)
     return TrainState.create(apply_fn=model.apply, params=variables['params'],
                              batch_stats=variables['batch_stats'],
-                             tx=make_optimizer(config), rng=dropout_rng)
+                             tx=make_optimizer(config), rng=dropout_rng,
+                             nonfinite_step=jnp.array(-1, jnp.int32))
   return jax.jit(init, out_shardings=sharding.replicated(mesh))(
       jax.random.PRNGKey(config.seed))
 
@@ -112,12 +116,20 @@ def loss_fn(model: nn.Module, l2_weight: float, params, batch_stats, dropout_rng
 def train_step(model: nn.Module, l2_weight: float, state: TrainState, images, labels):
   """One Adam step on a global batch; returns the new state and the batch's sums of
   loss and correct predictions (pure). Dropout's key is the base key folded with the
-  step, so a resumed run draws the same masks."""
+  step, so a resumed run draws the same masks. If the loss or a gradient is not finite,
+  the state stays as it was, from then on, and records the step: a poisoned state is
+  never produced, and the loop stops at its next check."""
   dropout_rng = jax.random.fold_in(state.rng, state.step)
   grad_fn = jax.grad(functools.partial(loss_fn, model, l2_weight), has_aux=True)
   grads, (cross_entropy, l2, logits, batch_stats) = grad_fn(
       state.params, state.batch_stats, dropout_rng, images, labels)
-  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  updated = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  finite = jnp.isfinite(cross_entropy + l2) & jnp.all(jnp.array(
+      [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+  healthy = state.nonfinite_step < 0
+  state = jax.tree.map(lambda new, old: jnp.where(finite & healthy, new, old), updated, state)
+  state = state.replace(nonfinite_step=jnp.where(healthy & ~finite, state.step,
+                                                 state.nonfinite_step))
   batch_size = labels.shape[0]
   metrics = {'loss_sum': cross_entropy * batch_size,
              'l2_sum': l2 * batch_size,
@@ -152,19 +164,21 @@ def epoch_batches(config, epoch: int, num_examples: int, steps_per_epoch: int):
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming from workdir's latest checkpoint) and evaluates every epoch;
-  returns the last epoch's metrics record."""
-  # Config and mesh: every check that can fail does so before data or compilation.
+  returns the last epoch's metrics record.
+
+  Every check that can fail (config, devices, workdir, data, checkpoint) does so before
+  compilation and training.
+  """
   check_config(config)
   mesh = sharding.make_mesh()
   sharding.check_divisible(config.batch_size, mesh)
   sharding.check_divisible(config.eval_batch_size, mesh, 'eval_batch_size')
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise ConfigError(f'cannot create workdir {workdir!r}: {e.strerror}.') from None
-  if not os.access(workdir, os.W_OK):
-    raise ConfigError(f'workdir {workdir!r} is not writable; pick another --workdir.')
+  rundir.prepare(workdir)
+  with rundir.locked(workdir):
+    return _train_and_evaluate(config, workdir, mesh)
 
+
+def _train_and_evaluate(config, workdir: str, mesh) -> dict:
   # Data.
   datasets = load_datasets(config)
   train_split = datasets['train']
@@ -181,12 +195,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   restored = checkpointing.restore_latest(manager, state)
   if restored is not None:
     state = restored
-  start_step = int(state.step)
+  step = int(state.step)
   log = MetricsLog(workdir)
-  log.keep_until(start_step)
+  log.keep_until(step)
   say = print if jax.process_index() == 0 else (lambda *a, **k: None)
-  say(describe_run(config, model, eval_model, mesh, state, datasets, steps_per_epoch,
-                   start_step))
+  say(describe_run(config, model, eval_model, mesh, state, datasets, steps_per_epoch, step))
 
   # Compile.
   start = time.perf_counter()
@@ -195,36 +208,80 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   evaluator = Evaluator(eval_model, mesh, config.eval_batch_size)
   recalibrate = BatchNormRecalibrator(eval_model, mesh)
 
+  def save_checkpoint(state):
+    """Saves, unless the state went non-finite: then the last good checkpoint stays."""
+    check_finite(state, manager)
+    checkpointing.save(manager, state)
+
   previous = log.records()
   record = previous[-1] if previous else {}  # returned as is if training is complete
-  for epoch in range(start_step // steps_per_epoch, config.num_epochs):
-    index_batches = epoch_batches(config, epoch, len(train_split), steps_per_epoch)
-    skip = int(state.step) - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch
-    epoch_start = time.perf_counter()
-    sums = None
-    for images, labels in sharding.sharded_batches(
-        mesh, (train_split.images, train_split.labels), index_batches[skip:]):
-      state, metrics = step_fn(state, images, labels)
-      sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-    sums = jax.device_get(sums)
-    train_seconds = time.perf_counter() - epoch_start
+  with PreemptionGuard() as preemption:
+    for epoch in range(step // steps_per_epoch, config.num_epochs):
+      index_batches = epoch_batches(config, epoch, len(train_split), steps_per_epoch)
+      skip = step - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch
+      epoch_start = time.perf_counter()
+      sums, in_flight = None, collections.deque()
+      for images, labels in sharding.sharded_batches(
+          mesh, (train_split.images, train_split.labels), index_batches[skip:]):
+        state, metrics = step_fn(state, images, labels)
+        step += 1
+        sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+        in_flight.append(metrics['count'])
+        if len(in_flight) > sharding.MAX_STEPS_IN_FLIGHT:
+          in_flight.popleft().block_until_ready()
+        if preemption.should_stop(step):
+          save_checkpoint(state)
+          manager.wait_until_finished()
+          raise Preempted(f'stopped by {preemption.signal_name} at step {step}; the '
+                          f'checkpoint is saved in {manager.directory}/{step}. Run the '
+                          'same command to resume.', preemption.signum)
+        if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
+          save_checkpoint(state)
+      sums = jax.device_get(sums)
+      check_finite(state, manager)
+      train_seconds = time.perf_counter() - epoch_start
 
-    record = {'epoch': epoch + 1, 'step': int(state.step),
-              'train_loss': float(sums['loss_sum'] / sums['count']),
-              'train_l2_penalty': float(sums['l2_sum'] / sums['count']),
-              'train_accuracy': float(sums['correct'] / sums['count'])}
-    record.update(evaluate_splits(config, evaluator, recalibrate, state, datasets,
-                                  index_batches))
-    record['epoch_seconds'] = time.perf_counter() - epoch_start
-    record['train_seconds'] = train_seconds
-    record['train_images_per_second'] = float(sums['count']) / train_seconds
-    log.write(record)
+      record = {'epoch': epoch + 1, 'step': step,
+                'train_loss': float(sums['loss_sum'] / sums['count']),
+                'train_l2_penalty': float(sums['l2_sum'] / sums['count']),
+                'train_accuracy': float(sums['correct'] / sums['count'])}
+      record.update(evaluate_splits(config, evaluator, recalibrate, state, datasets,
+                                    index_batches))
+      record['epoch_seconds'] = time.perf_counter() - epoch_start
+      record['train_seconds'] = train_seconds
+      record['train_images_per_second'] = float(sums['count']) / train_seconds
+      record['host_memory_mib'] = host_memory_mib()
+      log.write(record)
 
-    if (epoch + 1) % config.checkpoint_every_epochs == 0 or epoch + 1 == config.num_epochs:
-      checkpointing.save(manager, state)
+      last_epoch = epoch + 1 == config.num_epochs
+      if (epoch + 1) % config.checkpoint_every_epochs == 0 or last_epoch:
+        if not manager.latest_step() == step:
+          save_checkpoint(state)
   manager.wait_until_finished()
   manager.close()
   return record
+
+
+def check_finite(state: TrainState, manager) -> None:
+  """Stops the run if a step saw a NaN or Inf; the train step froze the state there."""
+  bad_step = int(state.nonfinite_step)
+  if bad_step >= 0:
+    manager.wait_until_finished()
+    latest = manager.latest_step()
+    kept = (f'the last good checkpoint, step {latest}, is kept' if latest is not None
+            else 'no checkpoint was written')
+    raise NonFiniteError(
+        f'the loss or its gradients became NaN or Inf at step {bad_step + 1}; training '
+        f'stopped and {kept}. Lower --config.learning_rate or check the data.')
+
+
+def host_memory_mib() -> float:
+  """This process's resident memory now (Linux), for spotting leaks in long runs."""
+  try:
+    with open('/proc/self/statm') as f:
+      return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2**20
+  except OSError:
+    return float('nan')
 
 
 def evaluate_splits(config, evaluator: Evaluator, recalibrate: BatchNormRecalibrator,

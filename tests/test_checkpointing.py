@@ -50,8 +50,10 @@ def test_checkpoint_of_another_model_is_a_clear_error(tmp_path):
   manager = checkpointing.make_manager(str(tmp_path), max_to_keep=2)
   checkpointing.save(manager, _state(config, DeepDigitsCNN(num_classes=5)))
   manager.wait_until_finished()
-  with pytest.raises(CheckpointError, match='does not fit this run'):
+  with pytest.raises(CheckpointError) as info:
     checkpointing.restore_latest(manager, _state(config))
+  assert 'does not fit this run' in str(info.value)
+  assert 'params/logits/kernel has shape (256, 5), this run needs (256, 10)' in str(info.value)
   assert (tmp_path / 'checkpoints' / '0').is_dir()  # nothing deleted
 
 

@@ -1,0 +1,141 @@
+"""What a run survives: preemption, NaNs, corrupt checkpoints, a busy or bad workdir."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO, tiny_config
+from deepdigits import checkpointing, rundir, sharding, train
+from deepdigits.errors import ConfigError, NonFiniteError
+
+TIMING_KEYS = {'epoch_seconds', 'train_seconds', 'train_images_per_second',
+               'host_memory_mib'}
+
+
+def restore(workdir, config):
+  manager = checkpointing.make_manager(str(workdir), max_to_keep=10)
+  model = train.make_model(config)
+  return checkpointing.restore_latest(
+      manager, train.create_train_state(config, model, sharding.make_mesh()))
+
+
+def metrics(workdir):
+  return [json.loads(line) for line in
+          (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()]
+
+
+def main_command(workdir, data_dir):
+  """main.py for 3 epochs of 16 steps (512 images, batch 32)."""
+  return [sys.executable, str(REPO / 'main.py'), '--config=configs/default.py',
+          f'--workdir={workdir}', f'--config.data_dir={data_dir}',
+          '--config.train_subset=512', '--config.batch_size=32',
+          '--config.eval_batch_size=64', '--config.num_epochs=3']
+
+
+# Two fake devices: the run is data-parallel, and quicker than with eight.
+TWO_DEVICES = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+
+
+def test_sigterm_saves_and_the_resumed_run_ends_with_the_same_params(tiny_mnist_dir,
+                                                                      tmp_path):
+  straight = subprocess.run(main_command(tmp_path / 'straight', tiny_mnist_dir), cwd=REPO,
+                            env=TWO_DEVICES, capture_output=True, text=True, timeout=600)
+  assert straight.returncode == 0, straight.stderr[-2000:]
+
+  workdir = tmp_path / 'preempted'
+  process = subprocess.Popen(main_command(workdir, tiny_mnist_dir), cwd=REPO,
+                             env=TWO_DEVICES, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while not (workdir / 'metrics.jsonl').exists() and time.time() < deadline:
+    time.sleep(0.05)
+  process.send_signal(signal.SIGTERM)  # during epoch 2 (epoch 1 was just logged)
+  _, stderr = process.communicate(timeout=300)
+  assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+  assert 'stopped by SIGTERM at step' in stderr and 'Run the same command to resume' in stderr
+  stopped_at = int(stderr.split('at step ')[1].split(';')[0])
+  assert 16 < stopped_at < 48 and stopped_at != 32  # within epoch 2 or 3
+  assert (workdir / 'checkpoints' / str(stopped_at)).is_dir()
+
+  resumed = subprocess.run(main_command(workdir, tiny_mnist_dir), cwd=REPO,
+                           env=TWO_DEVICES, capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert f'resuming from the checkpoint at step {stopped_at}' in resumed.stdout
+  assert [r['epoch'] for r in metrics(workdir)] == [1, 2, 3]
+
+  config = tiny_config(tiny_mnist_dir, batch_size=32, eval_batch_size=64)
+  a, b = restore(tmp_path / 'straight', config), restore(workdir, config)
+  assert int(a.step) == int(b.step) == 48
+  for x, y in zip(jax.tree.leaves((a.params, a.batch_stats, a.opt_state)),
+                  jax.tree.leaves((b.params, b.batch_stats, b.opt_state))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # bitwise
+
+
+def test_same_config_and_seed_give_identical_metrics(tiny_mnist_dir, tmp_path):
+  config = tiny_config(tiny_mnist_dir, bn_recalibration_batches=2)
+  runs = [train.train_and_evaluate(config, str(tmp_path / name)) and
+          metrics(tmp_path / name) for name in ('a', 'b')]
+  strip = lambda records: [{k: v for k, v in r.items() if k not in TIMING_KEYS}
+                           for r in records]
+  assert len(runs[0]) == 1
+  assert strip(runs[0]) == strip(runs[1])
+  other_seed = train.train_and_evaluate(
+      tiny_config(tiny_mnist_dir, num_epochs=1, seed=1), str(tmp_path / 'c'))
+  assert other_seed['train_loss'] != runs[0][0]['train_loss']
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_mnist_dir, tmp_path):
+  train.train_and_evaluate(tiny_config(tiny_mnist_dir), str(tmp_path))  # good: step 16
+  absurd = tiny_config(tiny_mnist_dir, num_epochs=3, learning_rate=1e30,
+                       checkpoint_every_steps=4)
+  with pytest.raises(NonFiniteError) as info:
+    train.train_and_evaluate(absurd, str(tmp_path))
+  message = str(info.value)
+  assert 'became NaN or Inf at step 1' in message  # step 17 or 18: the first steps after 16
+  assert 'the last good checkpoint, step 16, is kept' in message
+  bad_step = int(message.split('at step ')[1].split(';')[0])
+  assert bad_step in (17, 18)
+  steps = sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir())
+  assert steps == [16]  # no poisoned checkpoint was written
+  state = restore(tmp_path, absurd)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tiny_mnist_dir, tmp_path,
+                                                                  capsys):
+  config = tiny_config(tiny_mnist_dir, num_epochs=2)
+  train.train_and_evaluate(config, str(tmp_path))
+  checkpoints = tmp_path / 'checkpoints'
+  assert sorted(p.name for p in checkpoints.iterdir()) == ['16', '32']
+  for path in (checkpoints / '32').rglob('*'):  # scribble over every data file
+    if path.is_file() and 'ocdbt' in str(path.relative_to(checkpoints / '32')):
+      path.write_bytes(b'garbage')
+  (checkpoints / '48.orbax-checkpoint-tmp').mkdir()  # a half-written save: ignored
+  state = restore(tmp_path, config)
+  assert int(state.step) == 16
+  assert 'checkpoint' in capsys.readouterr().out
+  assert (tmp_path / 'corrupt_checkpoints' / '32').is_dir()  # moved, not deleted
+  # The run goes on from 16 and writes a good 32 again.
+  record = train.train_and_evaluate(config, str(tmp_path))
+  assert record['step'] == 32 and (checkpoints / '32').is_dir()
+
+
+def test_two_runs_on_one_workdir_are_refused(tiny_mnist_dir, tmp_path):
+  with rundir.locked(str(tmp_path)):
+    with pytest.raises(ConfigError, match=f'another run \\(pid {os.getpid()}\\) is using'):
+      train.train_and_evaluate(tiny_config(tiny_mnist_dir), str(tmp_path))
+  assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_workdir_that_cannot_be_created(tiny_mnist_dir, tmp_path):
+  (tmp_path / 'a_file').write_text('')
+  with pytest.raises(ConfigError, match='cannot create workdir'):
+    train.train_and_evaluate(tiny_config(tiny_mnist_dir), str(tmp_path / 'a_file' / 'run'))
