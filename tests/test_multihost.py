@@ -1,0 +1,64 @@
+"""Two processes on localhost with jax.distributed (gloo CPU collectives, 2 fake devices
+each) train like one process with 4 devices on the same global batches."""
+
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+from conftest import REPO
+
+WORKER = REPO / 'tests' / 'multihost_worker.py'
+SCALARS = ('train_loss', 'test_loss', 'devices', 'processes')
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def worker(process_id, num_processes, port, devices, data_dir, workdir, out):
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  return subprocess.Popen(
+      [sys.executable, str(WORKER), str(process_id), str(num_processes), str(port),
+       str(devices), data_dir, str(workdir), str(out)],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_processes_match_one_process_with_four_devices(mnist_dir, tmp_path):
+  port = free_port()
+  processes = [worker(i, 2, port, 2, mnist_dir, tmp_path / 'multi', tmp_path / f'p{i}.npz')
+               for i in range(2)]
+  for p in processes:
+    output, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, output[-3000:]
+  single = worker(0, 1, 0, 4, mnist_dir, tmp_path / 'single', tmp_path / 'single.npz')
+  output, _ = single.communicate(timeout=600)
+  assert single.returncode == 0, output[-3000:]
+
+  p0, p1, one = (np.load(tmp_path / f'{name}.npz') for name in ('p0', 'p1', 'single'))
+  assert (int(p0['processes']), int(p0['devices'])) == (2, 4)
+  assert (int(one['processes']), int(one['devices'])) == (1, 4)
+  names = [k for k in p0.files if k not in SCALARS]
+  assert len(names) == 38  # 26 parameter arrays + 12 BatchNorm statistics
+  for name in names:  # both hosts hold the very same replicated state
+    np.testing.assert_array_equal(p0[name], p1[name])
+
+  # Same global batches and dropout masks: the losses and the BatchNorm statistics
+  # (which see the data) agree to float rounding (the all-reduces sum in another order).
+  np.testing.assert_allclose(p0['train_loss'], one['train_loss'], rtol=1e-5)
+  np.testing.assert_allclose(p0['test_loss'], one['test_loss'], rtol=1e-5)
+  for name in names:
+    if name.startswith('[1]'):  # batch_stats
+      np.testing.assert_allclose(p0[name], one[name], rtol=1e-4, atol=1e-5)
+  # Parameters: Adam moves each by about lr * sign(gradient), so a gradient within
+  # rounding of zero may step the other way; all but a few entries agree to 1e-6 and
+  # none differs by more than two steps' worth (2 steps * 2 * lr).
+  params = [n for n in names if n.startswith('[0]')]
+  differing = sum(int((np.abs(p0[n] - one[n]) > 1e-6).sum()) for n in params)
+  total = sum(p0[n].size for n in params)
+  assert differing / total < 1e-3, (differing, total)
+  assert max(np.abs(p0[n] - one[n]).max() for n in params) <= 4e-3
