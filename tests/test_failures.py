@@ -139,3 +139,47 @@ def test_workdir_that_cannot_be_created(tiny_mnist_dir, tmp_path):
   (tmp_path / 'a_file').write_text('')
   with pytest.raises(ConfigError, match='cannot create workdir'):
     train.train_and_evaluate(tiny_config(tiny_mnist_dir), str(tmp_path / 'a_file' / 'run'))
+
+
+def _broken_copy(source_dir, target_dir, breakage):
+  """A copy of the tiny MNIST folder with one thing broken."""
+  target_dir.mkdir()
+  for name in os.listdir(source_dir):
+    (target_dir / name).write_bytes((pathlib.Path(source_dir) / name).read_bytes())
+  breakage(target_dir)
+  return target_dir
+
+
+def _set_byte(path, offset, value):
+  data = bytearray(path.read_bytes())
+  data[offset] = value
+  path.write_bytes(bytes(data))
+
+
+BREAKAGES = {
+    'missing file': (lambda d: (d / 't10k-labels-idx1-ubyte').unlink(),
+                     't10k-labels-idx1-ubyte[.gz] not found'),
+    'truncated file': (lambda d: (d / 'train-images-idx3-ubyte').write_bytes(
+        (d / 'train-images-idx3-ubyte').read_bytes()[:-1000]), 'the file is truncated'),
+    'wrong magic': (lambda d: _set_byte(d / 'train-labels-idx1-ubyte', 3, 0x03),
+                    'magic number 0x00000803, expected 0x00000801'),
+    'count mismatch': (lambda d: (d / 't10k-labels-idx1-ubyte').write_bytes(
+        (d / 't10k-labels-idx1-ubyte').read_bytes()[:8 + 299].replace(
+            (300).to_bytes(4, 'big'), (299).to_bytes(4, 'big'), 1)),
+                       'holds 300 images but'),
+    'label out of range': (lambda d: _set_byte(d / 'train-labels-idx1-ubyte', 8 + 5, 12),
+                           'label 12 at index 5 is outside 0..9'),
+}
+
+
+@pytest.mark.parametrize('case', sorted(BREAKAGES))
+def test_bad_data_stops_main_with_one_line(case, tiny_mnist_dir, tmp_path):
+  breakage, message = BREAKAGES[case]
+  data_dir = _broken_copy(tiny_mnist_dir, tmp_path / 'data', breakage)
+  result = subprocess.run(main_command(tmp_path / 'run', data_dir), cwd=REPO,
+                          env=TWO_DEVICES, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1
+  assert message in result.stderr and 'Traceback' not in result.stderr
+  errors = [line for line in result.stderr.splitlines() if line.startswith('deepdigits:')]
+  assert len(errors) == 1
+  assert not (tmp_path / 'run' / 'checkpoints').exists()  # stopped before any training
