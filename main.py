@@ -17,7 +17,11 @@ config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
                                 lock_config=True)
 flags.DEFINE_bool('distributed', False,
                   'Call jax.distributed.initialize() first (multi-host: one process per '
-                  'host; the coordinator is auto-detected on TPU pods and SLURM).')
+                  'host; auto-configured on Cloud TPU and SLURM, else give the three '
+                  'flags below).')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (--distributed).')
+flags.DEFINE_integer('num_processes', None, 'Number of processes (--distributed).')
+flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1 (--distributed).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -32,7 +36,8 @@ def main(argv):
   from deepdigits.preemption import Preempted  # pylint: disable=g-import-not-at-top
   from deepdigits.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
   if FLAGS.distributed:
-    jax.distributed.initialize()
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                               FLAGS.process_id)
   try:
     train_and_evaluate(loaded_config(), FLAGS.workdir)
   except Preempted as e:
