@@ -208,10 +208,12 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict:
   evaluator = Evaluator(eval_model, mesh, config.eval_batch_size)
   recalibrate = BatchNormRecalibrator(eval_model, mesh)
 
-  def save_checkpoint(state):
-    """Saves, unless the state went non-finite: then the last good checkpoint stays."""
+  def save_checkpoint(state, step):
+    """Saves once per step, and never a state that went non-finite (the last good
+    checkpoint stays)."""
     check_finite(state, manager)
-    checkpointing.save(manager, state)
+    if manager.latest_step() != step:
+      checkpointing.save(manager, state)
 
   previous = log.records()
   record = previous[-1] if previous else {}  # returned as is if training is complete
@@ -230,13 +232,13 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict:
         if len(in_flight) > sharding.MAX_STEPS_IN_FLIGHT:
           in_flight.popleft().block_until_ready()
         if preemption.should_stop(step):
-          save_checkpoint(state)
+          save_checkpoint(state, step)
           manager.wait_until_finished()
           raise Preempted(f'stopped by {preemption.signal_name} at step {step}; the '
                           f'checkpoint is saved in {manager.directory}/{step}. Run the '
                           'same command to resume.', preemption.signum)
         if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
-          save_checkpoint(state)
+          save_checkpoint(state, step)
       sums = jax.device_get(sums)
       check_finite(state, manager)
       train_seconds = time.perf_counter() - epoch_start
@@ -253,10 +255,8 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict:
       record['host_memory_mib'] = host_memory_mib()
       log.write(record)
 
-      last_epoch = epoch + 1 == config.num_epochs
-      if (epoch + 1) % config.checkpoint_every_epochs == 0 or last_epoch:
-        if not manager.latest_step() == step:
-          save_checkpoint(state)
+      if (epoch + 1) % config.checkpoint_every_epochs == 0 or epoch + 1 == config.num_epochs:
+        save_checkpoint(state, step)
   manager.wait_until_finished()
   manager.close()
   return record

@@ -1,10 +1,17 @@
-"""Tests run on the CPU backend with 8 fake devices, set before jax is imported."""
+"""Tests run on the CPU backend with 8 fake devices, set before jax is imported.
+
+A compilation cache shared by the tests and the runs they start in subprocesses saves
+compiling the same tiny-config steps over and over.
+"""
 
 import os
+import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ['JAX_PLATFORMS'] = 'cpu'
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='jax_cache_'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 import pathlib  # pylint: disable=g-import-not-at-top
 

@@ -87,9 +87,6 @@ def test_same_config_and_seed_give_identical_metrics(tiny_mnist_dir, tmp_path):
                            for r in records]
   assert len(runs[0]) == 1
   assert strip(runs[0]) == strip(runs[1])
-  other_seed = train.train_and_evaluate(
-      tiny_config(tiny_mnist_dir, num_epochs=1, seed=1), str(tmp_path / 'c'))
-  assert other_seed['train_loss'] != runs[0][0]['train_loss']
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_mnist_dir, tmp_path):
