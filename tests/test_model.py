@@ -97,3 +97,23 @@ def test_conv_impls_give_the_same_network_outputs_and_gradients(variables):
   for g_native, g_shifted in zip(jax.tree.leaves(grads_native), jax.tree.leaves(grads_shifted)):
     scale = np.abs(g_native).max() + 1e-12
     np.testing.assert_allclose(g_shifted / scale, g_native / scale, atol=1e-4)
+
+
+def test_bfloat16_compute_gives_a_loss_close_to_float32(variables, mnist):
+  images = jnp.asarray(mnist['test'].images[:64], jnp.float32) / 255
+  labels = jnp.asarray(mnist['test'].labels[:64])
+
+  def loss(dtype):
+    logits, _ = DeepDigitsCNN(dtype=dtype).apply(
+        variables, images, train=True, mutable=['batch_stats'],
+        rngs={'dropout': jax.random.PRNGKey(0)})
+    assert logits.dtype == jnp.float32  # logits come back in float32 either way
+    return float(-jax.nn.log_softmax(logits)[jnp.arange(64), labels].mean())
+
+  fp32, bf16 = loss(jnp.float32), loss(jnp.bfloat16)
+  assert bf16 != fp32  # the bfloat16 path really computed in bfloat16
+  assert abs(bf16 - fp32) < 0.02 * fp32, (fp32, bf16)
+  # Parameters stay float32 whatever the compute dtype.
+  params = DeepDigitsCNN(dtype=jnp.bfloat16).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), train=False)['params']
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
