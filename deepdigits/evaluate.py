@@ -53,20 +53,14 @@ class Evaluator:
       raise ValueError('cannot evaluate an empty split')
     padded = pad_to_batches(split, self.batch_size)
     index_batches = np.arange(len(padded[0])).reshape(-1, self.batch_size)
-    totals = None
-    for i, (images, labels, mask) in enumerate(
-        sharding.sharded_batches(self.mesh, padded, index_batches)):
-      sums = self._step(params, batch_stats, images, labels, mask)
-      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-      if i % sharding.MAX_STEPS_IN_FLIGHT == 0:
-        jax.block_until_ready(totals)
-    totals = jax.device_get(totals)
+    totals = jax.device_get(sharding.sum_over_batches(
+        self.mesh, functools.partial(self._step, params, batch_stats), padded,
+        index_batches))
     count = int(totals['count'])
     return {'loss': float(totals['loss_sum']) / count,
             'accuracy': float(totals['correct']) / count,
             'examples': count,
             'errors': count - int(totals['correct'])}
-
 
 
 def batch_moments(model: nn.Module, params, batch_stats, images):
@@ -96,11 +90,7 @@ class BatchNormRecalibrator:
 
   def __call__(self, params, batch_stats, split: Split, index_batches: np.ndarray):
     """Batch statistics averaged over the global batches `index_batches` of split."""
-    total = None
-    for i, (images,) in enumerate(
-        sharding.sharded_batches(self.mesh, (split.images,), index_batches)):
-      moments = self._moments(params, batch_stats, images)
-      total = moments if total is None else jax.tree.map(jnp.add, total, moments)
-      if i % sharding.MAX_STEPS_IN_FLIGHT == 0:
-        jax.block_until_ready(total)
+    total = sharding.sum_over_batches(
+        self.mesh, functools.partial(self._moments, params, batch_stats),
+        (split.images,), index_batches)
     return jax.tree.map(lambda t: t / len(index_batches), total)

@@ -6,6 +6,7 @@ rows of a global batch that belong to its own devices, and
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -75,3 +76,15 @@ def sharded_batches(mesh: Mesh, arrays: tuple[np.ndarray, ...], index_batches):
   for indices in index_batches:
     local = indices[rows]
     yield global_batch(mesh, *(np.take(a, local, axis=0) for a in arrays))
+
+
+def sum_over_batches(mesh: Mesh, batch_fn, arrays: tuple[np.ndarray, ...], index_batches):
+  """The tree sum of `batch_fn(*global_batch)` over every row of `index_batches`, with at
+  most MAX_STEPS_IN_FLIGHT batches queued ahead of the devices."""
+  total = None
+  for i, batch in enumerate(sharded_batches(mesh, arrays, index_batches)):
+    result = batch_fn(*batch)
+    total = result if total is None else jax.tree.map(jnp.add, total, result)
+    if i % MAX_STEPS_IN_FLIGHT == 0:
+      jax.block_until_ready(total)
+  return total
