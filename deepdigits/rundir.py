@@ -3,13 +3,16 @@ two runs never write the same checkpoints at once."""
 
 import contextlib
 import fcntl
+import json
 import os
 
 import jax
+import ml_collections
 
 from deepdigits.errors import ConfigError
 
 LOCK_NAME = 'run.lock'
+CONFIG_NAME = 'config.json'
 
 
 def prepare(workdir: str) -> None:
@@ -50,3 +53,21 @@ def locked(workdir: str):
       yield
     finally:
       fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Records the run's config as workdir/config.json (process 0), so that commands on a
+  finished workdir (evaluate, predict, plots) rebuild the same model without flags."""
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, CONFIG_NAME), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run in workdir recorded."""
+  path = os.path.join(workdir, CONFIG_NAME)
+  if not os.path.isfile(path):
+    raise ConfigError(f'{path} not found: {workdir!r} is not the workdir of a training '
+                      'run (or pass --config).')
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))

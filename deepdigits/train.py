@@ -175,6 +175,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sharding.check_divisible(config.eval_batch_size, mesh, 'eval_batch_size')
   rundir.prepare(workdir)
   with rundir.locked(workdir):
+    rundir.write_config(workdir, config)
     return _train_and_evaluate(config, workdir, mesh)
 
 

@@ -1,0 +1,96 @@
+"""A trained model from a workdir, and its predictions: what evaluation, prediction on
+real images, plots and ensembles start from.
+
+The run's own config.json rebuilds the model; the latest checkpoint gives the weights.
+If the run re-estimated BatchNorm statistics for evaluation
+(`bn_recalibration_batches` > 0), they are re-estimated here the same way, on the
+training batches of the checkpoint's epoch, so predictions match the run's reported
+'_recalibrated' numbers.
+"""
+
+import dataclasses
+import functools
+import os
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from deepdigits import checkpointing, rundir, sharding, train
+from deepdigits.data import Split, load_datasets, scale_images
+from deepdigits.errors import CheckpointError
+from deepdigits.evaluate import BatchNormRecalibrator, pad_to_batches
+
+
+@dataclasses.dataclass
+class Trained:
+  """What a prediction needs: the evaluation model and its variables."""
+  config: ml_collections.ConfigDict
+  model: nn.Module  # the forward-only (evaluation) form of the network
+  mesh: Mesh
+  params: Any
+  batch_stats: Any  # recalibrated if the run recalibrated, else the running statistics
+  step: int
+
+  @property
+  def variables(self) -> dict:
+    return {'params': self.params, 'batch_stats': self.batch_stats}
+
+  @functools.cached_property
+  def logits_fn(self):
+    """jitted (variables, uint8 images) -> logits, gathered on every device."""
+    return jax.jit(functools.partial(_logits, self.model),
+                   out_shardings=sharding.replicated(self.mesh))
+
+
+def load_trained(workdir: str, config: Optional[ml_collections.ConfigDict] = None,
+                 recalibrate: bool = True) -> Trained:
+  """The latest checkpoint of workdir, ready to predict; a clear error if there is none.
+
+  `config` defaults to the workdir's config.json; `recalibrate=False` keeps the running
+  BatchNorm statistics even if the run recalibrated.
+  """
+  config = config if config is not None else rundir.read_config(workdir)
+  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
+    raise CheckpointError(f'no checkpoints in {workdir!r}; train there first.')
+  mesh = sharding.make_mesh()
+  template = train.create_train_state(config, train.make_model(config), mesh)
+  manager = checkpointing.make_manager(workdir, config.max_to_keep)
+  state = checkpointing.restore_latest(manager, template)
+  manager.close()
+  if state is None:
+    raise CheckpointError(f'no readable checkpoint in {workdir}/checkpoints; train there '
+                          'first.')
+  model = train.make_model(config, differentiated=False)
+  batch_stats = state.batch_stats
+  step = int(state.step)
+  if recalibrate and config.bn_recalibration_batches:
+    train_split = load_datasets(config)['train']
+    steps_per_epoch = len(train_split) // config.batch_size
+    epoch = max(0, -(-step // steps_per_epoch) - 1)  # the epoch that ended at `step`
+    index_batches = train.epoch_batches(config, epoch, len(train_split), steps_per_epoch)
+    batch_stats = BatchNormRecalibrator(model, mesh)(
+        state.params, state.batch_stats, train_split,
+        index_batches[:config.bn_recalibration_batches])
+  return Trained(config, model, mesh, state.params, batch_stats, step)
+
+
+def _logits(model: nn.Module, variables, images):
+  return model.apply(variables, scale_images(images), train=False)
+
+
+def predict_logits(trained: Trained, images: np.ndarray,
+                   batch_size: Optional[int] = None) -> np.ndarray:
+  """Logits [N, 10] of uint8 images [N, 28, 28, 1], in batches sharded over the mesh."""
+  batch_size = batch_size or trained.config.eval_batch_size
+  batch_size = -(-batch_size // trained.mesh.size) * trained.mesh.size
+  labels = np.zeros(len(images), np.int32)
+  padded_images, _, _ = pad_to_batches(Split(images, labels), batch_size)
+  index_batches = np.arange(len(padded_images)).reshape(-1, batch_size)
+  out = []
+  for (batch,) in sharding.sharded_batches(trained.mesh, (padded_images,), index_batches):
+    out.append(np.asarray(jax.device_get(trained.logits_fn(trained.variables, batch))))
+  return np.concatenate(out)[:len(images)]
