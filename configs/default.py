@@ -41,6 +41,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_epochs = 80
   # Reshuffle the training set every epoch (a full permutation from seed and epoch).
   config.shuffle = True
+  # Where the train step's batches come from: 'device' (the whole uint8 split put on
+  # every device once, each batch sliced by index inside the jitted step) or 'host'
+  # (each process sends its rows of every batch; for data larger than device memory).
+  config.input_pipeline = 'device'
   # Seed of the parameter initialisation, dropout and the data order.
   config.seed = 0
 

@@ -1,12 +1,13 @@
 """Times the trainer's own train and eval steps: `python -m deepdigits.benchmark --config=...`.
 
-The train step is the one `train_and_evaluate` compiles, fed by the same host pipeline
-(`sharding.sharded_batches` over uint8 arrays); the eval figure is `Evaluator` over whole
-batches. Each figure is the median of several timed windows after a warm-up window.
+The train step is the one `train_and_evaluate` compiles, fed by the same feed
+(`input_pipeline`, `--config.input_pipeline=device|host`) in the same loop; the eval
+figure is `Evaluator` over whole batches. Each figure is the median of several timed windows after a warm-up window.
 With `--config.data_dir` the real MNIST training images are used, else random bytes
 (the speed does not depend on the pixel values).
 """
 
+import functools
 import resource
 import statistics
 import sys
@@ -17,7 +18,7 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from deepdigits import sharding, train
+from deepdigits import input_pipeline, sharding, train
 from deepdigits.cli import loaded_config, parse_flags
 from deepdigits.data import IMAGE_SHAPE, Split, read_idx_split
 from deepdigits.errors import DeepDigitsError
@@ -63,23 +64,33 @@ def run_benchmark(config, steps: int, windows: int, eval_batches: int) -> dict:
   state = train.create_train_state(config, model, mesh)
   images = benchmark_images(config, max(steps * config.batch_size,
                                         eval_batches * config.eval_batch_size))
-  index_batches = np.arange(steps * config.batch_size).reshape(steps, config.batch_size)
+  feed = input_pipeline.make_feed(config.input_pipeline, mesh,
+                                  Split(images.images[:steps * config.batch_size],
+                                        images.labels[:steps * config.batch_size]),
+                                  config.batch_size)
+  order = train.epoch_order(config, 0, feed.num_examples)
 
   start = time.perf_counter()
-  step_fn = train.compile_train_step(config, model, mesh, state)
+  step_fn = train.compile_train_step(config, model, mesh, state, feed)
   compile_seconds = time.perf_counter() - start
 
-  def train_window():
+  def train_window():  # the trainer's own loop body over one epoch of `steps` steps
     nonlocal state
-    for batch in sharding.sharded_batches(mesh, (images.images, images.labels),
-                                          index_batches):
-      state, metrics = step_fn(state, *batch)
+    for data_args in feed.epoch(order, 0):
+      state, metrics = step_fn(state, *data_args)
     jax.block_until_ready(metrics)
 
-  def input_window():  # the host pipeline alone, as the trainer runs it
-    for batch in sharding.sharded_batches(mesh, (images.images, images.labels),
-                                          index_batches):
-      jax.block_until_ready(batch)
+  if feed.kind == 'device':  # the per-step data work: the in-jit gather, alone
+    gather = jax.jit(functools.partial(
+        input_pipeline.batch_from_order, batch_size=config.batch_size,
+        steps_per_epoch=steps, mesh=mesh))
+    def input_window():
+      for step in range(steps):
+        jax.block_until_ready(gather(feed.images, feed.labels, order, step))
+  else:
+    def input_window():  # the host pipeline alone, as the trainer runs it
+      for batch in feed.epoch(order, 0):
+        jax.block_until_ready(batch)
 
   train_seconds = timed_windows(train_window, windows)
   input_seconds = timed_windows(input_window, windows)
@@ -101,7 +112,7 @@ def run_benchmark(config, steps: int, windows: int, eval_batches: int) -> dict:
       'devices': jax.device_count(), 'device_kind': jax.devices()[0].device_kind,
       'dtype': config.dtype, 'conv_impl': model.conv_impl, 'pool_impl': model.pool_impl,
       'eval_conv_impl': eval_model.conv_impl,
-      'batch_size': config.batch_size, 'eval_batch_size': config.eval_batch_size,
+      'input_pipeline': feed.kind, 'batch_size': config.batch_size, 'eval_batch_size': config.eval_batch_size,
       'train_compile_seconds': compile_seconds,
       'train_images_per_second': statistics.median(train_rate),
       'train_ms_per_step': 1000 * statistics.median(train_seconds) / steps,
@@ -118,7 +129,8 @@ def run_benchmark(config, steps: int, windows: int, eval_batches: int) -> dict:
   print(f"train step: {r['train_images_per_second']:.0f} img/s (median of {windows} windows "
         f"of {steps} steps; min {min(train_rate):.0f}, max {max(train_rate):.0f}), "
         f"{r['train_ms_per_step']:.1f} ms/step, compile {compile_seconds:.1f} s")
-  print(f"input pipeline alone: {r['input_ms_per_step']:.2f} ms/step "
+  print(f"input pipeline ({r['input_pipeline']} feed) alone: "
+        f"{r['input_ms_per_step']:.2f} ms/step "
         f"({100 * r['input_ms_per_step'] / r['train_ms_per_step']:.1f}% of the step)")
   print(f"eval step: {r['eval_images_per_second']:.0f} img/s (median of {windows} windows "
         f"of {eval_batches} batches; min {min(eval_rate):.0f}, max {max(eval_rate):.0f}), "

@@ -170,8 +170,3 @@ def load_datasets(config) -> dict[str, Split]:
                             splits['train'].labels[:config.train_subset])
   return splits
 
-
-def epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
-  """The order of the training examples in an epoch: a function of (seed, epoch) only,
-  so a resumed run sees the same order as an uninterrupted one."""
-  return np.random.default_rng([seed, epoch]).permutation(num_examples)

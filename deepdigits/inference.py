@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from deepdigits import checkpointing, rundir, sharding, train
+from deepdigits import checkpointing, input_pipeline, rundir, sharding, train
 from deepdigits.data import Split, load_datasets, scale_images
 from deepdigits.errors import CheckpointError
 from deepdigits.evaluate import BatchNormRecalibrator, pad_to_batches
@@ -71,7 +71,8 @@ def load_trained(workdir: str, config: Optional[ml_collections.ConfigDict] = Non
     train_split = load_datasets(config)['train']
     steps_per_epoch = len(train_split) // config.batch_size
     epoch = max(0, -(-step // steps_per_epoch) - 1)  # the epoch that ended at `step`
-    index_batches = train.epoch_batches(config, epoch, len(train_split), steps_per_epoch)
+    index_batches = input_pipeline.epoch_index_batches(
+        train.epoch_order(config, epoch, len(train_split)), config.batch_size)
     batch_stats = BatchNormRecalibrator(model, mesh)(
         state.params, state.batch_stats, train_split,
         index_batches[:config.bn_recalibration_batches])

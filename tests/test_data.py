@@ -170,10 +170,3 @@ def test_validation_size_too_large(tiny_mnist_dir):
   with pytest.raises(DataError, match='leaves no training images'):
     data.load_datasets(tiny_config(tiny_mnist_dir, validation_size=1024))
 
-
-def test_epoch_permutation_depends_on_seed_and_epoch_only():
-  a = data.epoch_permutation(0, 3, 1000)
-  np.testing.assert_array_equal(np.sort(a), np.arange(1000))
-  np.testing.assert_array_equal(a, data.epoch_permutation(0, 3, 1000))
-  assert (a != data.epoch_permutation(0, 4, 1000)).any()
-  assert (a != data.epoch_permutation(1, 3, 1000)).any()

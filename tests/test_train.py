@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import Mesh
 
 from conftest import tiny_config
-from deepdigits import sharding, train
+from deepdigits import input_pipeline, sharding, train
 from deepdigits.data import Split, scale_images
 from deepdigits.errors import ConfigError
 from deepdigits.evaluate import BatchNormRecalibrator, Evaluator
@@ -66,7 +66,8 @@ def test_train_steps_on_a_fixed_batch_drive_the_loss_down(batch):
   mesh = mesh_of(8)
   model = train.make_model(config)
   state = train.create_train_state(config, model, mesh)
-  step = train.compile_train_step(config, model, mesh, state)
+  feed = input_pipeline.HostFeed(mesh, Split(*batch), config.batch_size)
+  step = train.compile_train_step(config, model, mesh, state, feed)
   images, labels = sharding.global_batch(mesh, *batch)
   losses = []
   for _ in range(15):
