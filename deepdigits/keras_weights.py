@@ -22,7 +22,7 @@ import os
 import re
 import sys
 import zipfile
-from typing import Any, Optional
+from typing import Optional
 
 import h5py
 import jax
@@ -190,7 +190,8 @@ def load_keras_weights(path: str) -> dict:
   return to_flax_variables(read_keras_layers(path), source=path)
 
 
-def write_workdir(variables: dict, config: ml_collections.ConfigDict, workdir: str) -> str:
+def write_workdir(variables: dict, config: ml_collections.ConfigDict,
+                  workdir: str) -> str:
   """Writes the variables as a step-0 checkpoint of a fresh train state, with the
   config, so that workdir reads like a trained run's; returns the checkpoint path."""
   train.check_config(config)
@@ -217,13 +218,18 @@ def write_workdir(variables: dict, config: ml_collections.ConfigDict, workdir: s
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('keras_weights', None, 'A Keras DeepDigits model: .weights.h5, '
-                    '.keras, or a legacy .h5.')
-flags.DEFINE_string('workdir', None, 'New directory for the checkpoint and config.json.')
-config_flags.DEFINE_config_file('config', None, 'Training configuration file (the model '
-                                'and evaluation settings recorded with the weights).',
-                                lock_config=True)
-flags.mark_flags_as_required(['keras_weights', 'workdir', 'config'])
+
+
+def define_flags():
+  """The command's flags; defined only when run as a command, so that this module can be
+  imported beside the other commands (absl flags are global)."""
+  flags.DEFINE_string('keras_weights', None, 'A Keras DeepDigits model: .weights.h5, '
+                      '.keras, or a legacy .h5.')
+  flags.DEFINE_string('workdir', None, 'New directory for the checkpoint and config.json.')
+  config_flags.DEFINE_config_file('config', None, 'Training configuration file (the '
+                                  'model and evaluation settings recorded with the '
+                                  'weights).', lock_config=True)
+  flags.mark_flags_as_required(['keras_weights', 'workdir', 'config'])
 
 
 def main(argv):
@@ -245,4 +251,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main, flags_parser=parse_flags)

@@ -154,7 +154,8 @@ class Point:
   workdir: str
 
 
-def plan(config: ml_collections.ConfigDict, workdir: str, specs: list[str]) -> list[Point]:
+def plan(config: ml_collections.ConfigDict, workdir: str,
+         specs: list[str]) -> list[Point]:
   """Every point, checked: grids, configs, device divisibility, and that an existing
   point folder was run with the same config. Raises ConfigError before any work."""
   grid = parse_grid(specs, config)
@@ -226,7 +227,8 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, specs: list[str],
   failed = [p.name for p in points if status[p.name].startswith('failed')]
   if failed:
     raise DeepDigitsError(f'{len(failed)} of {len(points)} points failed '
-                          f'({", ".join(failed)}); see {os.path.join(workdir, RESULTS_MD)}.')
+                          f'({", ".join(failed)}); see '
+                          f'{os.path.join(workdir, RESULTS_MD)}.')
   return rows
 
 
@@ -325,13 +327,18 @@ def write_results(workdir: str, points: list[Point],
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Sweep folder: one subfolder per point, and the '
-                    'results tables.')
-config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
-                                lock_config=True)
-flags.DEFINE_multi_string('grid', None, "A field and its values, 'field=v1,v2,...'; "
-                          'repeat for more fields (their cartesian product is run).')
-flags.mark_flags_as_required(['config', 'workdir', 'grid'])
+
+
+def define_flags():
+  """The command's flags; defined only when run as a command, so that this module can be
+  imported beside the other commands (absl flags are global)."""
+  flags.DEFINE_string('workdir', None, 'Sweep folder: one subfolder per point, and the '
+                      'results tables.')
+  config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
+                                  lock_config=True)
+  flags.DEFINE_multi_string('grid', None, "A field and its values, 'field=v1,v2,...'; "
+                            'repeat for more fields (their cartesian product is run).')
+  flags.mark_flags_as_required(['config', 'workdir', 'grid'])
 
 
 def main(argv):
@@ -356,4 +363,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main, flags_parser=parse_flags)

@@ -11,18 +11,17 @@ import subprocess
 import sys
 import zipfile
 
-os.environ['KERAS_BACKEND'] = 'jax'  # before keras is imported
+import h5py
+import jax
+import numpy as np
+import pytest
 
-import h5py  # pylint: disable=g-import-not-at-top
-import jax  # pylint: disable=g-import-not-at-top
-import numpy as np  # pylint: disable=g-import-not-at-top
-import pytest  # pylint: disable=g-import-not-at-top
+from conftest import REPO, tiny_config
+from deepdigits import inference, keras_weights, rundir, train
+from deepdigits.data import scale_images
+from deepdigits.errors import CheckpointError, KerasWeightsError
 
-from conftest import REPO, tiny_config  # pylint: disable=g-import-not-at-top
-from deepdigits import inference, keras_weights, rundir, train  # pylint: disable=g-import-not-at-top
-from deepdigits.data import scale_images  # pylint: disable=g-import-not-at-top
-from deepdigits.errors import CheckpointError, KerasWeightsError  # pylint: disable=g-import-not-at-top
-
+os.environ['KERAS_BACKEND'] = 'jax'  # before keras is imported: no TensorFlow needed
 keras = pytest.importorskip('keras')
 pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning:keras.*')
 
@@ -52,6 +51,7 @@ def original_keras_model():
 def keras_files(tmp_path_factory, mnist):
   """The three saved forms of one random Keras model, its softmax outputs and logits
   on 100 real test digits."""
+  keras.utils.set_random_seed(0)
   model = original_keras_model()
   rng = np.random.default_rng(0)
   weights = []
@@ -89,7 +89,7 @@ def test_flax_logits_match_keras(keras_files, form):
   assert sum(x.size for x in jax.tree.leaves(variables)) == 2_624_394
   model = train.make_model(tiny_config(''), differentiated=False)
   logits = model.apply(variables, scale_images(keras_files['images']), train=False)
-  assert np.abs(keras_files['logits']).max() > 1  # the comparison is not of zeros
+  assert np.ptp(keras_files['logits']) > 0.5  # the comparison is not of near-constants
   np.testing.assert_allclose(logits, keras_files['logits'], atol=1e-4, rtol=1e-4)
 
 
