@@ -19,3 +19,7 @@ class CheckpointError(DeepDigitsError):
 
 class NonFiniteError(DeepDigitsError):
   """The loss or its gradients became NaN or Inf."""
+
+
+class KerasWeightsError(DeepDigitsError):
+  """A Keras weights file is unreadable or not of the DeepDigits network."""

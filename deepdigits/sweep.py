@@ -1,0 +1,367 @@
+"""Hyperparameter sweeps: `python -m deepdigits.sweep --config=... --workdir=DIR
+--grid 'learning_rate=1e-3,3e-3' --grid 'batch_size=128,512'`.
+
+The cartesian product of the grids, one workdir per point (`DIR/learning_rate=0.001,
+batch_size=128`), each trained in turn by `train.train_and_evaluate`, then the results
+tabled in `DIR/results.csv` and `DIR/results.md`, best first. Points run in this process,
+one after another: the start-up of JAX and the compilation cache are paid once, and
+each point's error is caught and reported on its own row while the others go on. A
+crash of the process is covered by resumption: the same command skips the finished
+points and resumes a half-finished one from its checkpoint.
+
+Every grid and every point's config is checked before anything trains.
+"""
+
+import csv
+import dataclasses
+import difflib
+import io
+import itertools
+import json
+import os
+import sys
+import urllib.parse
+from typing import Any, Callable, Optional
+
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from deepdigits import rundir, sharding, train
+from deepdigits.cli import loaded_config, parse_flags
+from deepdigits.errors import ConfigError, DeepDigitsError
+from deepdigits.metrics_log import MetricsLog
+from deepdigits.preemption import Preempted
+
+RESULTS_CSV = 'results.csv'
+RESULTS_MD = 'results.md'
+# The metric the table is ranked by: the first of these that any point reports.
+# Validation first (honest model selection), recalibrated BatchNorm statistics first
+# when the run uses them (they are what `inference.load_trained` predicts with).
+RANKING_METRICS = ('validation_accuracy_recalibrated', 'validation_accuracy',
+                   'test_accuracy_recalibrated', 'test_accuracy')
+METRIC_COLUMNS = ('validation_accuracy', 'validation_accuracy_recalibrated',
+                  'test_accuracy', 'test_accuracy_recalibrated')
+# Fields a point may change without its workdir counting as another experiment.
+EXTENDABLE_FIELDS = ('num_epochs',)
+TRUE_WORDS, FALSE_WORDS = ('true', '1', 'yes'), ('false', '0', 'no')
+
+Grid = list[tuple[str, list[Any]]]  # (field, values) in the order given
+
+
+# ---------------------------------------------------------------- grids and points
+
+
+def _parse_value(field: str, text: str, kind: type) -> Any:
+  """text as a value of the field's type, or a ConfigError naming both."""
+  try:
+    if kind is bool:
+      if text.lower() in TRUE_WORDS + FALSE_WORDS:
+        return text.lower() in TRUE_WORDS
+      raise ValueError
+    if kind is int:
+      return int(text)
+    if kind is float:
+      return float(text)
+    if kind is str:
+      return text
+  except ValueError:
+    raise ConfigError(f'--grid {field}: {text!r} is not a {kind.__name__} (the type of '
+                      f'config.{field}).') from None
+  raise ConfigError(f'--grid {field}: config.{field} is a {kind.__name__}; only int, '
+                    'float, bool and str fields can be swept.')
+
+
+def parse_grid(specs: list[str], config: ml_collections.ConfigDict) -> Grid:
+  """`['field=v1,v2', ...]` as [(field, [typed values])]; a ConfigError names the first
+  malformed spec."""
+  if not specs:
+    raise ConfigError("give at least one --grid 'field=value1,value2'.")
+  grid, fields = [], set()
+  for spec in specs:
+    field, equals, values_text = spec.partition('=')
+    field = field.strip()
+    if not equals or not field:
+      raise ConfigError(f"--grid {spec!r}: expected 'field=value1,value2,...'.")
+    if field not in config:
+      close = difflib.get_close_matches(field, list(config.keys()), n=1)
+      hint = f' Did you mean "{close[0]}"?' if close else ''
+      raise ConfigError(f'--grid {field}: not a config field.{hint}')
+    if field in fields:
+      raise ConfigError(f'--grid {field}: given twice; list all its values in one '
+                        '--grid.')
+    texts = [t.strip() for t in values_text.split(',')]
+    if not values_text.strip():
+      raise ConfigError(f'--grid {field}: no values after "=".')
+    if '' in texts:
+      raise ConfigError(f'--grid {field}: an empty value in {values_text!r}.')
+    values = [_parse_value(field, t, type(config[field])) for t in texts]
+    repeated = [t for t, v in zip(texts, values) if values.count(v) > 1]
+    if repeated:
+      raise ConfigError(f'--grid {field}: the values {", ".join(repeated)} are the '
+                        'same value.')
+    fields.add(field)
+    grid.append((field, values))
+  return grid
+
+
+def grid_points(grid: Grid) -> list[dict[str, Any]]:
+  """The cartesian product, the last grid varying fastest."""
+  fields = [field for field, _ in grid]
+  return [dict(zip(fields, values))
+          for values in itertools.product(*(values for _, values in grid))]
+
+
+def format_value(value: Any) -> str:
+  """A value as it appears in a point's name: short, stable, safe in a path."""
+  if isinstance(value, str):
+    return urllib.parse.quote(value, safe='')
+  return repr(value)
+
+
+def point_name(point: dict[str, Any]) -> str:
+  """The point's folder name, e.g. 'learning_rate=0.001,batch_size=128'."""
+  return ','.join(f'{field}={format_value(value)}' for field, value in point.items())
+
+
+def point_config(config: ml_collections.ConfigDict,
+                 point: dict[str, Any]) -> ml_collections.ConfigDict:
+  config = config.copy_and_resolve_references()
+  for field, value in point.items():
+    config[field] = value
+  return config
+
+
+def config_differences(recorded: dict, wanted: dict) -> list[str]:
+  """Fields (other than EXTENDABLE_FIELDS) whose values differ, as readable phrases."""
+  show = lambda d, k: repr(d[k]) if k in d else 'unset'
+  return [f'{k}={show(recorded, k)} there, {show(wanted, k)} now'
+          for k in sorted(set(recorded) | set(wanted))
+          if k not in EXTENDABLE_FIELDS and show(recorded, k) != show(wanted, k)]
+
+
+def as_json_dict(config: ml_collections.ConfigDict) -> dict:
+  """The config as config.json records it (so the two compare equal)."""
+  return json.loads(config.to_json_best_effort())
+
+
+@dataclasses.dataclass
+class Point:
+  """One point of the sweep and where it runs."""
+  values: dict[str, Any]
+  name: str
+  config: ml_collections.ConfigDict
+  workdir: str
+
+
+def plan(config: ml_collections.ConfigDict, workdir: str,
+         specs: list[str]) -> list[Point]:
+  """Every point, checked: grids, configs, device divisibility, and that an existing
+  point folder was run with the same config. Raises ConfigError before any work."""
+  grid = parse_grid(specs, config)
+  mesh = sharding.make_mesh()
+  points = []
+  for values in grid_points(grid):
+    name = point_name(values)
+    cfg = point_config(config, values)
+    try:
+      train.check_config(cfg)
+      sharding.check_divisible(cfg.batch_size, mesh)
+      sharding.check_divisible(cfg.eval_batch_size, mesh, 'eval_batch_size')
+    except ConfigError as e:
+      raise ConfigError(f'point {name}: {e}') from None
+    point_dir = os.path.join(workdir, name)
+    if os.path.isfile(os.path.join(point_dir, rundir.CONFIG_NAME)):
+      with open(os.path.join(point_dir, rundir.CONFIG_NAME)) as f:
+        differences = config_differences(json.load(f), as_json_dict(cfg))
+      if differences:
+        raise ConfigError(
+            f'{point_dir} was run with another config ({"; ".join(differences[:3])}); '
+            'use a new --workdir, or delete that folder to run the point again.')
+    points.append(Point(values, name, cfg, point_dir))
+  return points
+
+
+# ---------------------------------------------------------------- running
+
+
+def finished_record(point: Point) -> Optional[dict]:
+  """The metrics of the point's final epoch if it is complete (recorded and its
+  checkpoint written), else None."""
+  for record in MetricsLog(point.workdir).records():
+    if (record['epoch'] == point.config.num_epochs and os.path.isdir(
+        os.path.join(point.workdir, 'checkpoints', str(record['step'])))):
+      return record
+  return None
+
+
+def run_sweep(config: ml_collections.ConfigDict, workdir: str, specs: list[str],
+              say: Callable[[str], None] = print) -> list[dict]:
+  """Runs every unfinished point in turn and writes the tables after each; returns the
+  rows, best first. A point that fails is reported on its row and the others go on;
+  a DeepDigitsError at the end says which failed. Preemption stops the sweep."""
+  points = plan(config, workdir, specs)
+  rundir.prepare(workdir)
+  status = {p.name: 'pending' for p in points}
+  with rundir.locked(workdir):
+    try:
+      for i, point in enumerate(points, 1):
+        header = f'sweep: point {i}/{len(points)} {point.name}'
+        if finished_record(point) is not None:
+          status[point.name] = 'done'
+          say(f'{header}: finished earlier, skipped')
+          continue
+        say(f'{header}: training in {point.workdir}')
+        try:
+          train.train_and_evaluate(point.config, point.workdir)
+          status[point.name] = 'done'
+        except Preempted:
+          raise
+        except DeepDigitsError as e:
+          status[point.name] = f'failed: {e}'
+          say(f'deepdigits: error: point {point.name}: {e}')
+        write_results(workdir, points, status)  # progress, readable while the sweep runs
+    finally:
+      rows, table = write_results(workdir, points, status)
+  say(table.rstrip())
+  failed = [p.name for p in points if status[p.name].startswith('failed')]
+  if failed:
+    raise DeepDigitsError(f'{len(failed)} of {len(points)} points failed '
+                          f'({", ".join(failed)}); see '
+                          f'{os.path.join(workdir, RESULTS_MD)}.')
+  return rows
+
+
+# ---------------------------------------------------------------- results
+
+
+def result_row(point: Point, records: list[dict], status: str) -> dict:
+  """A table row: the grid values, then the metrics of the latest epoch up to
+  num_epochs, the seconds the epochs took, the status and the folder."""
+  records = [r for r in records if r['epoch'] <= point.config.num_epochs]
+  last = records[-1] if records else {}
+  row = dict(point.values)
+  row['epochs'] = last.get('epoch', 0)
+  for metric in METRIC_COLUMNS:
+    if metric in last:
+      row[metric] = last[metric]
+  row['seconds'] = sum(r.get('epoch_seconds', 0.0) for r in records)
+  if status == 'pending' and records:
+    status = f'stopped at epoch {last["epoch"]}'
+  row['status'] = status
+  row['workdir'] = point.name
+  return row
+
+
+def ranking_metric(rows: list[dict]) -> Optional[str]:
+  return next((m for m in RANKING_METRICS if any(m in row for row in rows)), None)
+
+
+def rank(rows: list[dict]) -> tuple[list[dict], Optional[str]]:
+  """Rows best first by the ranking metric (rows without it last, in grid order)."""
+  metric = ranking_metric(rows)
+  if metric is None:
+    return list(rows), None
+  return sorted(rows, key=lambda row: -row.get(metric, float('-inf'))), metric
+
+
+def ranking_note(metric: Optional[str]) -> str:
+  if metric is None:
+    return 'No point has finished an epoch yet.'
+  if metric.startswith('validation'):
+    return f'Ranked by {metric} (the held-out validation slice), best first.'
+  return (f'Ranked by {metric}, best first: there is no validation slice '
+          '(validation_size=0), so this ranks by the test set, which is fine for a look '
+          'but not honest model selection; hold out a slice with '
+          '--config.validation_size=5000 for that.')
+
+
+def _columns(rows: list[dict], grid_fields: list[str]) -> list[str]:
+  metrics = [m for m in METRIC_COLUMNS if any(m in row for row in rows)]
+  return grid_fields + ['epochs'] + metrics + ['seconds', 'status', 'workdir']
+
+
+def _cell(column: str, value: Any) -> str:
+  if value is None:
+    return ''
+  if column in METRIC_COLUMNS:
+    return f'{value:.4f}'
+  if column == 'seconds':
+    return f'{value:.0f}'
+  return str(value)
+
+
+def format_tables(rows: list[dict], grid_fields: list[str]) -> tuple[str, str]:
+  """(results.csv, results.md) texts, both ranked; the markdown opens with how."""
+  ranked, metric = rank(rows)
+  columns = _columns(rows, grid_fields)
+  out = io.StringIO()
+  writer = csv.writer(out, lineterminator='\n')
+  writer.writerow(columns)
+  for row in ranked:
+    writer.writerow([row.get(c, '') for c in columns])
+  lines = [ranking_note(metric),
+           '`seconds`: the epochs\' wall time (training and evaluation; start-up and '
+           'compilation not included).', '',
+           '| ' + ' | '.join(columns) + ' |',
+           '|' + ' --- |' * len(columns)]
+  for row in ranked:
+    cells = [_cell(c, row.get(c)).replace('|', '\\|') for c in columns]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return out.getvalue(), '\n'.join(lines) + '\n'
+
+
+def write_results(workdir: str, points: list[Point],
+                  status: dict[str, str]) -> tuple[list[dict], str]:
+  """Writes results.csv and results.md from the points' metrics.jsonl; returns the
+  rows, ranked, and the markdown."""
+  rows = [result_row(p, MetricsLog(p.workdir).records(), status[p.name]) for p in points]
+  csv_text, md_text = format_tables(rows, list(points[0].values))
+  for name, text in ((RESULTS_CSV, csv_text), (RESULTS_MD, md_text)):
+    with open(os.path.join(workdir, name), 'w') as f:
+      f.write(text)
+  return rank(rows)[0], md_text
+
+
+# ---------------------------------------------------------------- command
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The command's flags; defined only when run as a command, so that this module can be
+  imported beside the other commands (absl flags are global)."""
+  flags.DEFINE_string('workdir', None, 'Sweep folder: one subfolder per point, and the '
+                      'results tables.')
+  config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
+                                  lock_config=True)
+  flags.DEFINE_multi_string('grid', None, "A field and its values, 'field=v1,v2,...'; "
+                            'repeat for more fields (their cartesian product is run).')
+  flags.mark_flags_as_required(['config', 'workdir', 'grid'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+  for spec in FLAGS.grid:
+    field = spec.partition('=')[0].strip()
+    if f'config.{field}' in FLAGS and FLAGS[f'config.{field}'].present:
+      sys.exit(f'deepdigits: error: --config.{field} and --grid {field} both set it; '
+               'keep one.')
+  try:
+    run_sweep(loaded_config(), FLAGS.workdir, FLAGS.grid,
+              say=lambda line: print(line, flush=True))
+  except Preempted as e:
+    print(f'deepdigits: {e} (the sweep stopped; run the same command to go on)',
+          file=sys.stderr)
+    sys.exit(e.exit_code)
+  except DeepDigitsError as e:
+    sys.exit(f'deepdigits: error: {e}')
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main, flags_parser=parse_flags)
