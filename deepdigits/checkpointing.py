@@ -19,9 +19,14 @@ from jax.experimental import multihost_utils
 from deepdigits.errors import CheckpointError
 
 
-def make_manager(workdir: str, max_to_keep: int) -> ocp.CheckpointManager:
-  """An asynchronous manager that keeps the newest `max_to_keep` checkpoints."""
-  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+LATEST = 'checkpoints'  # the newest max_to_keep states, for resuming
+BEST = 'best_checkpoint'  # the state with the best validation accuracy so far
+
+
+def make_manager(workdir: str, max_to_keep: int, kind: str = LATEST) -> ocp.CheckpointManager:
+  """An asynchronous manager of workdir/<kind> that keeps the newest `max_to_keep`
+  checkpoints (kind LATEST or BEST)."""
+  directory = os.path.join(os.path.abspath(workdir), kind)
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                          enable_async_checkpointing=True)
   # The handler named up front lets a fresh manager read a checkpoint's metadata.

@@ -47,23 +47,30 @@ class Trained:
 
 
 def load_trained(workdir: str, config: Optional[ml_collections.ConfigDict] = None,
-                 recalibrate: bool = True) -> Trained:
-  """The latest checkpoint of workdir, ready to predict; a clear error if there is none.
+                 recalibrate: bool = True, checkpoint: str = 'latest') -> Trained:
+  """The 'latest' checkpoint of workdir, or the 'best' (highest validation accuracy,
+  kept when the run holds out a validation slice), ready to predict; a clear error if
+  there is none.
 
   `config` defaults to the workdir's config.json; `recalibrate=False` keeps the running
   BatchNorm statistics even if the run recalibrated.
   """
+  kinds = {'latest': checkpointing.LATEST, 'best': checkpointing.BEST}
+  if checkpoint not in kinds:
+    raise ValueError(f'checkpoint={checkpoint!r}: use one of {sorted(kinds)}')
   config = config if config is not None else rundir.read_config(workdir)
-  if not os.path.isdir(os.path.join(workdir, 'checkpoints')):
-    raise CheckpointError(f'no checkpoints in {workdir!r}; train there first.')
+  directory = os.path.join(workdir, kinds[checkpoint])
+  if not os.path.isdir(directory):
+    hint = (' (a best checkpoint is kept only with --config.validation_size > 0)'
+            if checkpoint == 'best' else '')
+    raise CheckpointError(f'no {directory}{hint}; train there first.')
   mesh = sharding.make_mesh()
   template = train.create_train_state(config, train.make_model(config), mesh)
-  manager = checkpointing.make_manager(workdir, config.max_to_keep)
+  manager = checkpointing.make_manager(workdir, config.max_to_keep, kinds[checkpoint])
   state = checkpointing.restore_latest(manager, template)
   manager.close()
   if state is None:
-    raise CheckpointError(f'no readable checkpoint in {workdir}/checkpoints; train there '
-                          'first.')
+    raise CheckpointError(f'no readable checkpoint in {directory}; train there first.')
   model = train.make_model(config, differentiated=False)
   batch_stats = state.batch_stats
   step = int(state.step)

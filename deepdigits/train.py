@@ -229,6 +229,9 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict:
 
   previous = log.records()
   record = previous[-1] if previous else {}  # returned as is if training is complete
+  best_manager = (checkpointing.make_manager(workdir, 1, checkpointing.BEST)
+                  if 'validation' in datasets else None)
+  best_so_far = max((selection_metric(r) for r in previous), default=-1.0)
   with PreemptionGuard() as preemption:
     for epoch in range(step // steps_per_epoch, config.num_epochs):
       order = epoch_order(config, epoch, len(train_split))
@@ -265,13 +268,26 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict:
       record['train_images_per_second'] = float(sums['count']) / train_seconds
       release_free_host_memory()
       record['host_memory_mib'] = host_memory_mib()
+      if best_manager and selection_metric(record) > best_so_far:
+        best_so_far = selection_metric(record)
+        checkpointing.save(best_manager, state)  # replaces the previous best
+        record['best_checkpoint'] = True
       log.write(record)
 
       if (epoch + 1) % config.checkpoint_every_epochs == 0 or epoch + 1 == config.num_epochs:
         save_checkpoint(state, step)
-  manager.wait_until_finished()
-  manager.close()
+  for m in (manager, best_manager):
+    if m:
+      m.wait_until_finished()
+      m.close()
   return record
+
+
+def selection_metric(record: dict) -> float:
+  """What model selection maximises: validation accuracy (with recalibrated BatchNorm
+  statistics when the run re-estimates them); never test accuracy."""
+  return record.get('validation_accuracy_recalibrated',
+                    record.get('validation_accuracy', -1.0))
 
 
 def check_finite(state: TrainState, manager) -> None:
