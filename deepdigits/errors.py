@@ -19,3 +19,7 @@ class CheckpointError(DeepDigitsError):
 
 class NonFiniteError(DeepDigitsError):
   """The loss or its gradients became NaN or Inf."""
+
+
+class ImageError(DeepDigitsError):
+  """An image file to predict on is missing, unreadable or has no digit in it."""
