@@ -12,7 +12,7 @@ matplotlib Figure; only `write_plots` reads and writes files.
 import math
 import os
 import sys
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 from absl import app, flags, logging
@@ -24,11 +24,6 @@ from deepdigits.errors import ConfigError, DeepDigitsError
 from deepdigits.metrics_log import MetricsLog
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Workdir of a training run.')
-flags.DEFINE_bool('misclassified_only', False,
-                  'Gallery of misclassified test digits only (misclassified.png).')
-flags.DEFINE_integer('num_images', 50, 'Digits in the gallery.', lower_bound=1)
-flags.mark_flags_as_required(['workdir'])
 
 DPI = 100
 PLOTS_DIR = 'plots'
@@ -173,7 +168,7 @@ def write_plots(workdir: str, misclassified_only: bool = False, num_images: int 
   return written
 
 
-def main(argv: Optional[list[str]]):
+def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
   if not FLAGS['verbosity'].present:
@@ -185,5 +180,16 @@ def main(argv: Optional[list[str]]):
     sys.exit(f'deepdigits: error: {e}')
 
 
+def define_flags():
+  """The command's flags; defined only when run as a command, so that importing this
+  module next to other commands (tests do) defines no flag twice."""
+  flags.DEFINE_string('workdir', None, 'Workdir of a training run.')
+  flags.DEFINE_bool('misclassified_only', False,
+                    'Gallery of misclassified test digits only (misclassified.png).')
+  flags.DEFINE_integer('num_images', 50, 'Digits in the gallery.', lower_bound=1)
+  flags.mark_flags_as_required(['workdir'])
+
+
 if __name__ == '__main__':
+  define_flags()
   app.run(main, flags_parser=parse_flags)

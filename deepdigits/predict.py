@@ -21,11 +21,6 @@ from deepdigits.cli import parse_flags
 from deepdigits.errors import DeepDigitsError, ImageError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Workdir of a training run (its latest checkpoint).')
-flags.DEFINE_bool('preprocess_28x28', False,
-                  'Crop, scale and centre 28x28 images as well (by default they are '
-                  'taken as already in MNIST format).')
-flags.mark_flags_as_required(['workdir'])
 
 TOP_K = 3
 
@@ -120,5 +115,16 @@ def main(argv):
     sys.exit(1)
 
 
+def define_flags():
+  """The command's flags; defined only when run as a command, so that importing this
+  module next to other commands (tests do) defines no flag twice."""
+  flags.DEFINE_string('workdir', None, 'Workdir of a training run (its latest checkpoint).')
+  flags.DEFINE_bool('preprocess_28x28', False,
+                    'Crop, scale and centre 28x28 images as well (by default they are '
+                    'taken as already in MNIST format).')
+  flags.mark_flags_as_required(['workdir'])
+
+
 if __name__ == '__main__':
+  define_flags()
   app.run(main, flags_parser=parse_flags)
