@@ -23,3 +23,7 @@ class NonFiniteError(DeepDigitsError):
 
 class KerasWeightsError(DeepDigitsError):
   """A Keras weights file is unreadable or not of the DeepDigits network."""
+
+
+class ImageError(DeepDigitsError):
+  """An image file to predict on is missing, unreadable or has no digit in it."""

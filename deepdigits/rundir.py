@@ -57,10 +57,15 @@ def locked(workdir: str):
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Records the run's config as workdir/config.json (process 0), so that commands on a
-  finished workdir (evaluate, predict, plots) rebuild the same model without flags."""
+  finished workdir (evaluate, predict, plots) rebuild the same model without flags;
+  data folders are made absolute so those commands work from any folder."""
+  recorded = ml_collections.ConfigDict(config.to_dict())
+  for field in ('data_dir', 'tfds_data_dir'):  # usable from any folder later
+    if recorded.get(field):
+      recorded[field] = os.path.abspath(recorded[field])
   if jax.process_index() == 0:
     with open(os.path.join(workdir, CONFIG_NAME), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+      f.write(recorded.to_json_best_effort(indent=2, sort_keys=True) + '\n')
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -68,6 +73,6 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   path = os.path.join(workdir, CONFIG_NAME)
   if not os.path.isfile(path):
     raise ConfigError(f'{path} not found: {workdir!r} is not the workdir of a training '
-                      'run (or pass --config).')
+                      'run.')
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f))

@@ -75,3 +75,13 @@ def tiny_config(data_dir: str, **overrides):
   for name, value in overrides.items():
     config[name] = value
   return config
+
+
+@pytest.fixture(scope='session')
+def tiny_trained_workdir(tmp_path_factory, tiny_mnist_dir) -> str:
+  """A finished run on the tiny data (one epoch, 16 steps, BatchNorm recalibrated as
+  in cpu_quick; about 20 s), shared by the commands that read a workdir."""
+  from deepdigits import train  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp('tiny_run'))
+  train.train_and_evaluate(tiny_config(tiny_mnist_dir, bn_recalibration_batches=4), workdir)
+  return workdir
