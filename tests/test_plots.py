@@ -133,4 +133,4 @@ def test_the_command_on_a_folder_that_is_not_a_run_is_one_clear_line(tmp_path):
   assert result.returncode == 1
   assert result.stderr.strip().splitlines() == [
       f'deepdigits: error: {tmp_path}/config.json not found: {str(tmp_path)!r} is not the '
-      'workdir of a training run (or pass --config).']
+      'workdir of a training run.']
