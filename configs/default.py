@@ -31,11 +31,28 @@ def get_config() -> ml_collections.ConfigDict:
   # Keras' kernel_regularizer=l2(w) on conv4, dense1, dense2: adds w * sum(kernel**2).
   config.l2_weight = 1e-3
 
+  # Augmentation, on the device inside the train step, a random affine map per image
+  # (0 = off for each): shift by up to N pixels on each axis, rotate by up to N degrees,
+  # zoom by a factor in [1 - z, 1 + z].
+  config.augment_max_shift = 0.0
+  config.augment_max_rotation = 0.0
+  config.augment_max_zoom = 0.0
+  # Cross-entropy against labels smoothed by this much (0 = one-hot, the original).
+  config.label_smoothing = 0.0
+
   # Optimisation: Adam with Keras' defaults.
   config.learning_rate = 1e-3
   config.adam_b1 = 0.9
   config.adam_b2 = 0.999
   config.adam_eps = 1e-7
+  # 'constant' (the original) or 'cosine': linear warm-up over warmup_epochs from 0 to
+  # learning_rate, then cosine decay to 0 at the end of num_epochs.
+  config.lr_schedule = 'constant'
+  config.warmup_epochs = 0.0
+  # Keep an exponential moving average of the weights and BatchNorm statistics with this
+  # decay (0 = off); when on, evaluation, checkpoint selection and the commands on a
+  # workdir use the averages.
+  config.ema_decay = 0.0
   # Global batch size, split over all devices (must divide by the device count).
   config.batch_size = 512
   config.num_epochs = 80
@@ -61,5 +78,13 @@ def get_config() -> ml_collections.ConfigDict:
   # Also save every N steps within epochs (0 = only at epoch ends); for long epochs.
   config.checkpoint_every_steps = 0
   config.max_to_keep = 3
+
+  # Reporting (process 0 only).
+  # A progress bar within each epoch (only when stdout is a terminal).
+  config.progress = True
+  # TensorBoard scalars in workdir (`tensorboard --logdir=WORKDIR`).
+  config.tensorboard = True
+  # Print the layer table (shapes and parameter counts) at start.
+  config.model_summary = True
 
   return config

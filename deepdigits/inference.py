@@ -72,7 +72,7 @@ def load_trained(workdir: str, config: Optional[ml_collections.ConfigDict] = Non
   if state is None:
     raise CheckpointError(f'no readable checkpoint in {directory}; train there first.')
   model = train.make_model(config, differentiated=False)
-  batch_stats = state.batch_stats
+  params, batch_stats = train.evaluation_variables(state)  # the moving averages if kept
   step = int(state.step)
   if recalibrate and config.bn_recalibration_batches:
     train_split = load_datasets(config)['train']
@@ -81,9 +81,8 @@ def load_trained(workdir: str, config: Optional[ml_collections.ConfigDict] = Non
     index_batches = input_pipeline.epoch_index_batches(
         train.epoch_order(config, epoch, len(train_split)), config.batch_size)
     batch_stats = BatchNormRecalibrator(model, mesh)(
-        state.params, state.batch_stats, train_split,
-        index_batches[:config.bn_recalibration_batches])
-  return Trained(config, model, mesh, state.params, batch_stats, step)
+        params, batch_stats, train_split, index_batches[:config.bn_recalibration_batches])
+  return Trained(config, model, mesh, params, batch_stats, step)
 
 
 def _logits(model: nn.Module, variables, images):

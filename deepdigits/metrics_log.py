@@ -1,17 +1,30 @@
-"""Per-epoch metrics: one readable line on stdout, one JSON line in workdir/metrics.jsonl."""
+"""What a run reports: one readable line per epoch on stdout, the same as a JSON line in
+workdir/metrics.jsonl and as TensorBoard scalars in workdir/, and a progress bar within
+each epoch. Only process 0 reports in a multi-host run."""
 
 import json
 import os
+import sys
+import time
 
 import jax
+import tqdm
+from tensorboardX import SummaryWriter
+
+# Record keys that are not TensorBoard scalars.
+NOT_SCALARS = ('epoch', 'step', 'best_checkpoint')
+SPLITS = ('train', 'validation', 'test')
 
 
 class MetricsLog:
   """Appends epoch records; only process 0 writes in a multi-host run."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, tensorboard: bool = True):
+    self.workdir = workdir
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self.enabled = jax.process_index() == 0
+    self.tensorboard = tensorboard and self.enabled
+    self._writer = None
 
   def records(self) -> list[dict]:
     if not os.path.exists(self.path):
@@ -36,6 +49,60 @@ class MetricsLog:
     with open(self.path, 'a') as f:
       f.write(json.dumps(record) + '\n')
     print(format_record(record), flush=True)
+    if self.tensorboard:
+      if self._writer is None:
+        self._writer = SummaryWriter(self.workdir)
+      for tag, value in tensorboard_scalars(record).items():
+        self._writer.add_scalar(tag, value, record['step'])
+      self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+
+
+def tensorboard_scalars(record: dict) -> dict[str, float]:
+  """A record's numbers as TensorBoard tags: 'test_accuracy' -> 'test/accuracy', so each
+  split is a section; the rest (learning rate, speed, memory) under 'run/'."""
+  scalars = {}
+  for key, value in record.items():
+    if key in NOT_SCALARS or key.endswith('_examples') or not isinstance(value, (int, float)):
+      continue
+    split, _, rest = key.partition('_')
+    scalars[f'{split}/{rest}' if split in SPLITS else f'run/{key}'] = float(value)
+  return scalars
+
+
+class EpochProgress:
+  """A progress bar over an epoch's steps with images/s and the running loss; only on
+  process 0, only when stdout is a terminal, and not with --config.progress=False."""
+
+  def __init__(self, enabled: bool, epoch: int, num_epochs: int, total_steps: int,
+               first_step: int, batch_size: int):
+    self.batch_size = batch_size
+    self.enabled = enabled and jax.process_index() == 0 and sys.stdout.isatty()
+    self.loss_sum = self.count = 0.0
+    self._start, self._steps = time.perf_counter(), 0
+    if self.enabled:
+      self._bar = tqdm.tqdm(total=total_steps, initial=first_step, file=sys.stdout,
+                            desc=f'epoch {epoch}/{num_epochs}', unit='step', leave=False,
+                            dynamic_ncols=True)
+
+  def update(self, finished_step_metrics) -> None:
+    """Called with the (host) metrics of each step once it has finished."""
+    if not self.enabled:
+      return
+    self.loss_sum += float(finished_step_metrics['loss_sum'])
+    self.count += float(finished_step_metrics['count'])
+    self._steps += 1
+    rate = self._steps * self.batch_size / (time.perf_counter() - self._start)
+    self._bar.set_postfix_str(f'loss {self.loss_sum / self.count:.4f}  {rate:.0f} img/s',
+                              refresh=False)
+    self._bar.update()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._bar.close()
 
 
 def format_record(r: dict) -> str:

@@ -9,7 +9,7 @@ import ctypes
 import functools
 import os
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -19,22 +19,41 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from deepdigits import checkpointing, input_pipeline, rundir, sharding
+from deepdigits import augment, checkpointing, input_pipeline, rundir, sharding
 from deepdigits.data import IMAGE_SHAPE, Split, load_datasets, scale_images
 from deepdigits.errors import ConfigError, NonFiniteError
 from deepdigits.evaluate import BatchNormRecalibrator, Evaluator
-from deepdigits.metrics_log import MetricsLog
+from deepdigits.metrics_log import EpochProgress, MetricsLog
 from deepdigits.model import CONV_IMPLS, POOL_IMPLS, DeepDigitsCNN, l2_penalty
 from deepdigits.preemption import Preempted, PreemptionGuard
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+LR_SCHEDULES = ('constant', 'cosine')
+AUGMENT_STREAM = 1 << 30  # folded into the base key for augmentation's own stream
 
 
 class TrainState(train_state.TrainState):
-  """Flax's TrainState plus BatchNorm statistics and the base dropout key."""
+  """Flax's TrainState plus BatchNorm statistics, the base random key, and the moving
+  average of the weights."""
   batch_stats: Any
   rng: jax.Array  # raw uint32 key; dropout uses fold_in(rng, step)
   nonfinite_step: jax.Array  # first step whose loss or gradients were not finite, or -1
+  ema: Any  # {'params', 'batch_stats'} averaged over steps if config.ema_decay, else {}
+
+
+class StepOptions(NamedTuple):
+  """The config values the train step's math depends on (static in the jitted step)."""
+  l2_weight: float
+  label_smoothing: float = 0.0
+  max_shift: float = 0.0
+  max_rotation: float = 0.0
+  max_zoom: float = 0.0
+  ema_decay: float = 0.0
+
+  @classmethod
+  def from_config(cls, config) -> 'StepOptions':
+    return cls(config.l2_weight, config.label_smoothing, config.augment_max_shift,
+               config.augment_max_rotation, config.augment_max_zoom, config.ema_decay)
 
 
 # ---------------------------------------------------------------- config
@@ -45,18 +64,26 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   positive = ('batch_size', 'eval_batch_size', 'learning_rate', 'checkpoint_every_epochs',
               'max_to_keep')
   non_negative = ('num_epochs', 'validation_size', 'train_subset',
-                  'bn_recalibration_batches', 'l2_weight', 'checkpoint_every_steps')
+                  'bn_recalibration_batches', 'l2_weight', 'checkpoint_every_steps',
+                  'warmup_epochs', 'augment_max_shift', 'augment_max_rotation')
   for name in positive:
     if not config[name] > 0:
       raise ConfigError(f'--config.{name}={config[name]} must be > 0.')
   for name in non_negative:
     if config[name] < 0:
       raise ConfigError(f'--config.{name}={config[name]} must be >= 0.')
+  for name in ('label_smoothing', 'ema_decay', 'augment_max_zoom'):
+    if not 0 <= config[name] < 1:
+      raise ConfigError(f'--config.{name}={config[name]} must be in [0, 1).')
+  if config.warmup_epochs > config.num_epochs:
+    raise ConfigError(f'--config.warmup_epochs={config.warmup_epochs} is more than '
+                      f'num_epochs={config.num_epochs}.')
   if config.dtype not in DTYPES:
     raise ConfigError(f'--config.dtype={config.dtype!r}: use one of {sorted(DTYPES)}.')
   for name, choices in (('conv_impl', CONV_IMPLS + ('auto',)),
                         ('pool_impl', POOL_IMPLS + ('auto',)),
-                        ('input_pipeline', input_pipeline.FEEDS)):
+                        ('input_pipeline', input_pipeline.FEEDS),
+                        ('lr_schedule', LR_SCHEDULES)):
     if config[name] not in choices:
       raise ConfigError(f'--config.{name}={config[name]!r}: use one of {choices}.')
 
@@ -82,20 +109,36 @@ def make_model(config, differentiated: bool = True) -> DeepDigitsCNN:
       pool_impl=resolve_impl(config.pool_impl, 'strided_views', differentiated))
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
-  return optax.adam(config.learning_rate, b1=config.adam_b1, b2=config.adam_b2,
-                    eps=config.adam_eps)
+def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
+  """'constant' (the original), or 'cosine': a linear warm-up over warmup_epochs, then
+  a cosine decay to 0 at the last step."""
+  if config.lr_schedule == 'constant':
+    return optax.constant_schedule(config.learning_rate)
+  total = max(1, config.num_epochs * steps_per_epoch)
+  warmup = min(total - 1, round(config.warmup_epochs * steps_per_epoch))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
+      decay_steps=total, end_value=0.0)
 
 
-def create_train_state(config, model: nn.Module, mesh) -> TrainState:
-  """A fresh state from config.seed, replicated over the mesh."""
+def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
+  return optax.adam(learning_rate_schedule(config, steps_per_epoch), b1=config.adam_b1,
+                    b2=config.adam_b2, eps=config.adam_eps)
+
+
+def create_train_state(config, model: nn.Module, mesh, steps_per_epoch: int = 1) -> TrainState:
+  """A fresh state from config.seed, replicated over the mesh. `steps_per_epoch` sets
+  the learning-rate schedule's length; it does not change the state's structure, so
+  any value serves as a template for restoring a checkpoint."""
   def init(rng):
     init_rng, dropout_rng = jax.random.split(rng)
     variables = model.init(init_rng, jnp.zeros((1,) + IMAGE_SHAPE), train=False)
+    ema = ({'params': variables['params'], 'batch_stats': variables['batch_stats']}
+           if config.ema_decay else {})
     return TrainState.create(apply_fn=model.apply, params=variables['params'],
                              batch_stats=variables['batch_stats'],
-                             tx=make_optimizer(config), rng=dropout_rng,
-                             nonfinite_step=jnp.array(-1, jnp.int32))
+                             tx=make_optimizer(config, steps_per_epoch), rng=dropout_rng,
+                             nonfinite_step=jnp.array(-1, jnp.int32), ema=ema)
   return jax.jit(init, out_shardings=sharding.replicated(mesh))(
       jax.random.PRNGKey(config.seed))
 
@@ -103,29 +146,50 @@ def create_train_state(config, model: nn.Module, mesh) -> TrainState:
 # ---------------------------------------------------------------- the step
 
 
-def loss_fn(model: nn.Module, l2_weight: float, params, batch_stats, dropout_rng,
-            images, labels):
-  """Cross-entropy plus Keras' L2 terms on a batch of uint8 images (pure); the aux
-  holds the cross-entropy, the L2 term, the logits and the new BatchNorm statistics."""
+def loss_fn(model: nn.Module, l2_weight: float, label_smoothing: float, params,
+            batch_stats, dropout_rng, inputs, labels):
+  """Cross-entropy (against labels smoothed by `label_smoothing`) plus Keras' L2 terms
+  on a batch of [0, 1] images (pure); the aux holds the cross-entropy, the L2 term, the
+  logits and the new BatchNorm statistics."""
   logits, updates = model.apply(
-      {'params': params, 'batch_stats': batch_stats}, scale_images(images),
+      {'params': params, 'batch_stats': batch_stats}, inputs,
       train=True, rngs={'dropout': dropout_rng}, mutable=['batch_stats'])
-  cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+  cross_entropy = optax.softmax_cross_entropy(logits, targets).mean()
   l2 = l2_penalty(params, l2_weight)
   return cross_entropy + l2, (cross_entropy, l2, logits, updates['batch_stats'])
 
 
-def train_step(model: nn.Module, l2_weight: float, state: TrainState, images, labels):
-  """One Adam step on a global batch; returns the new state and the batch's sums of
-  loss and correct predictions (pure). Dropout's key is the base key folded with the
-  step, so a resumed run draws the same masks. If the loss or a gradient is not finite,
-  the state stays as it was, from then on, and records the step: a poisoned state is
-  never produced, and the loop stops at its next check."""
+def ema_update(average, new, decay: float, step):
+  """The moving average after `step` (0-based) updates: decay is warmed up as
+  min(decay, (1 + step) / (10 + step)), so early averages are not dominated by the
+  random initial weights (pure)."""
+  rate = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  return jax.tree.map(lambda a, n: rate * a + (1 - rate) * n, average, new)
+
+
+def train_step(model: nn.Module, options: StepOptions, state: TrainState, images, labels):
+  """One Adam step on a global batch of uint8 images; returns the new state and the
+  batch's sums of loss and correct predictions (pure).
+
+  Dropout's and augmentation's keys are the base key folded with the step, so a resumed
+  run draws the same masks and moves. If the loss or a gradient is not finite, the
+  state stays as it was, from then on, and records the step: a poisoned state is never
+  produced, and the loop stops at its next check.
+  """
   dropout_rng = jax.random.fold_in(state.rng, state.step)
-  grad_fn = jax.grad(functools.partial(loss_fn, model, l2_weight), has_aux=True)
+  augment_rng = jax.random.fold_in(jax.random.fold_in(state.rng, AUGMENT_STREAM), state.step)
+  inputs = augment.augment_batch(augment_rng, scale_images(images), options.max_shift,
+                                 options.max_rotation, options.max_zoom)
+  grad_fn = jax.grad(functools.partial(loss_fn, model, options.l2_weight,
+                                       options.label_smoothing), has_aux=True)
   grads, (cross_entropy, l2, logits, batch_stats) = grad_fn(
-      state.params, state.batch_stats, dropout_rng, images, labels)
+      state.params, state.batch_stats, dropout_rng, inputs, labels)
   updated = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  if options.ema_decay:
+    updated = updated.replace(ema=ema_update(
+        state.ema, {'params': updated.params, 'batch_stats': updated.batch_stats},
+        options.ema_decay, state.step))
   finite = jnp.isfinite(cross_entropy + l2) & jnp.all(jnp.array(
       [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
   healthy = state.nonfinite_step < 0
@@ -140,24 +204,24 @@ def train_step(model: nn.Module, l2_weight: float, state: TrainState, images, la
   return state, metrics
 
 
-def train_step_from_order(model: nn.Module, l2_weight: float, batch_size: int,
+def train_step_from_order(model: nn.Module, options: StepOptions, batch_size: int,
                           steps_per_epoch: int, mesh, state: TrainState, images, labels,
                           order):
   """`train_step` on the batch it slices, by its own step count, out of the epoch
   `order` of the device-resident split (pure)."""
   batch = input_pipeline.batch_from_order(images, labels, order, state.step, batch_size,
                                           steps_per_epoch, mesh)
-  return train_step(model, l2_weight, state, *batch)
+  return train_step(model, options, state, *batch)
 
 
 def compile_train_step(config, model, mesh, state: TrainState, feed):
   """The train step for `feed` (an input_pipeline feed), compiled ahead of time, with
   the state's buffers donated; called as step_fn(state, *data_args)."""
   if feed.kind == 'device':
-    fn = functools.partial(train_step_from_order, model, config.l2_weight,
+    fn = functools.partial(train_step_from_order, model, StepOptions.from_config(config),
                            config.batch_size, feed.steps_per_epoch, mesh)
   else:
-    fn = functools.partial(train_step, model, config.l2_weight)
+    fn = functools.partial(train_step, model, StepOptions.from_config(config))
   step = jax.jit(fn, donate_argnums=0,
                  out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)))
   return step.lower(state, *feed.arg_specs()).compile()
@@ -200,16 +264,19 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict:
   # Model, state, checkpoint.
   model = make_model(config)
   eval_model = make_model(config, differentiated=False)
-  state = create_train_state(config, model, mesh)
+  state = create_train_state(config, model, mesh, steps_per_epoch)
   manager = checkpointing.make_manager(workdir, config.max_to_keep)
   restored = checkpointing.restore_latest(manager, state)
   if restored is not None:
     state = restored
   step = int(state.step)
-  log = MetricsLog(workdir)
+  log = MetricsLog(workdir, tensorboard=config.tensorboard)
   log.keep_until(step)
   say = print if jax.process_index() == 0 else (lambda *a, **k: None)
+  if config.model_summary:
+    say(model_summary(eval_model))
   say(describe_run(config, model, eval_model, mesh, state, datasets, steps_per_epoch, step))
+  learning_rate = learning_rate_schedule(config, steps_per_epoch)
 
   # Compile.
   feed = input_pipeline.make_feed(config.input_pipeline, mesh, train_split,
@@ -238,14 +305,17 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict:
       skip = step - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch
       epoch_start = time.perf_counter()
       sums, in_flight = None, collections.deque()
+      progress = EpochProgress(config.progress, epoch + 1, config.num_epochs,
+                               steps_per_epoch, skip, config.batch_size)
       for data_args in feed.epoch(order, skip):
         state, metrics = step_fn(state, *data_args)
         step += 1
         sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-        in_flight.append(metrics['count'])
+        in_flight.append(metrics)
         if len(in_flight) > sharding.MAX_STEPS_IN_FLIGHT:
-          in_flight.popleft().block_until_ready()
+          progress.update(jax.block_until_ready(in_flight.popleft()))
         if preemption.should_stop(step):
+          progress.close()
           save_checkpoint(state, step)
           manager.wait_until_finished()
           raise Preempted(f'stopped by {preemption.signal_name} at step {step}; the '
@@ -254,6 +324,7 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict:
         if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
           save_checkpoint(state, step)
       sums = jax.device_get(sums)
+      progress.close()
       check_finite(state, manager)
       train_seconds = time.perf_counter() - epoch_start
 
@@ -266,6 +337,7 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict:
       record['epoch_seconds'] = time.perf_counter() - epoch_start
       record['train_seconds'] = train_seconds
       record['train_images_per_second'] = float(sums['count']) / train_seconds
+      record['learning_rate'] = float(learning_rate(step - 1))  # of the epoch's last step
       release_free_host_memory()
       record['host_memory_mib'] = host_memory_mib()
       if best_manager and selection_metric(record) > best_so_far:
@@ -280,6 +352,7 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict:
     if m:
       m.wait_until_finished()
       m.close()
+  log.close()
   return record
 
 
@@ -325,26 +398,43 @@ def host_memory_mib() -> float:
     return float('nan')
 
 
+def evaluation_variables(state: TrainState) -> tuple[Any, Any]:
+  """The weights and BatchNorm statistics a run is evaluated with: their moving
+  averages if the run keeps them (config.ema_decay > 0), else the trained ones."""
+  if state.ema:
+    return state.ema['params'], state.ema['batch_stats']
+  return state.params, state.batch_stats
+
+
 def evaluate_splits(config, evaluator: Evaluator, recalibrate: BatchNormRecalibrator,
                     state: TrainState, datasets: dict[str, Split], order) -> dict:
-  """Validation and test metrics with the running BatchNorm statistics and, if
-  config.bn_recalibration_batches > 0, with ones re-estimated on the first batches of
-  the epoch's training `order` ('_recalibrated')."""
-  variants = {'': state.batch_stats}
+  """Validation and test metrics of the evaluation weights (`evaluation_variables`)
+  with their BatchNorm statistics and, if config.bn_recalibration_batches > 0, with
+  ones re-estimated on the first batches of the epoch's training `order`
+  ('_recalibrated')."""
+  params, batch_stats = evaluation_variables(state)
+  variants = {'': batch_stats}
   if config.bn_recalibration_batches:
     index_batches = input_pipeline.epoch_index_batches(order, config.batch_size)
     variants['_recalibrated'] = recalibrate(
-        state.params, state.batch_stats, datasets['train'],
+        params, batch_stats, datasets['train'],
         index_batches[:config.bn_recalibration_batches])
   record = {}
   for suffix, batch_stats in variants.items():
     for name in ('validation', 'test'):
       if name in datasets:
-        result = evaluator(state.params, batch_stats, datasets[name])
+        result = evaluator(params, batch_stats, datasets[name])
         record[f'{name}_loss{suffix}'] = result['loss']
         record[f'{name}_accuracy{suffix}'] = result['accuracy']
         record[f'{name}_examples'] = result['examples']
   return record
+
+
+def model_summary(model: nn.Module) -> str:
+  """Flax's layer table: shapes and parameter counts per layer, 2,624,394 in all."""
+  return nn.tabulate(model, jax.random.PRNGKey(0), depth=1,
+                     console_kwargs={'width': 110, 'force_terminal': False})(
+                         jnp.zeros((1,) + IMAGE_SHAPE), train=False)
 
 
 def describe_run(config, model, eval_model, mesh, state, datasets, steps_per_epoch,

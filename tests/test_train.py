@@ -46,9 +46,9 @@ def test_one_and_eight_devices_give_the_same_loss_gradients_and_batch_stats(
                                          sharding.replicated(mesh))
     images, labels = sharding.global_batch(mesh, *batch)
     assert len(images.sharding.device_set) == n
-    grad_fn = jax.jit(jax.grad(functools.partial(train.loss_fn, model, 1e-3), has_aux=True))
+    grad_fn = jax.jit(jax.grad(functools.partial(train.loss_fn, model, 1e-3, 0.0), has_aux=True))
     grads, (loss, _, _, new_stats) = grad_fn(params, batch_stats, jax.random.PRNGKey(3),
-                                             images, labels)
+                                             scale_images(images), labels)
     results[n] = jax.device_get((loss, grads, new_stats))
   (loss1, grads1, stats1), (loss8, grads8, stats8) = results[1], results[8]
   np.testing.assert_allclose(loss1, loss8, rtol=1e-5)
