@@ -110,11 +110,18 @@ def test_two_tiny_seeds_are_tabled_from_their_metrics_and_a_rerun_skips(
   assert sum('finished earlier, skipped' in line for line in lines) == 2
 
 
-def test_the_command_refuses_two_ways_of_giving_seeds(tmp_path):
+@pytest.mark.parametrize('args,message', [
+    (['--seeds=0,1', '--config.seed=3'], '--config.seed and --seeds both set the seed; '
+                                         'keep one.'),
+    (['--seeds=0..2,1'], '--seeds=0..2,1: a seed is given twice.'),
+    (['--seeds=0', '--num_seeds=2'], 'give either --seeds (e.g. 0,1,2 or 0..4) or '
+                                     '--num_seeds.'),
+])
+def test_the_command_stops_on_bad_seeds_with_one_line(args, message, tmp_path):
   result = subprocess.run(
       [sys.executable, '-m', 'deepdigits.seeds', '--config=configs/cpu_quick.py',
-       f'--workdir={tmp_path}', '--seeds=0,1', '--config.seed=3'],
+       f'--workdir={tmp_path}', *args],
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 1
-  assert result.stderr.strip().splitlines()[-1] == (
-      'deepdigits: error: --config.seed and --seeds both set the seed; keep one.')
+  assert result.stderr.strip().splitlines()[-1] == f'deepdigits: error: {message}'
+  assert not list(tmp_path.iterdir())
