@@ -190,7 +190,8 @@ def main(argv):
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
   try:
-    if FLAGS.seeds is not None and 'config.seed' in FLAGS and FLAGS['config.seed'].present:
+    seed_overridden = 'config.seed' in FLAGS and FLAGS['config.seed'].present
+    if FLAGS.seeds is not None and seed_overridden:
       raise ConfigError('--config.seed and --seeds both set the seed; keep one.')
     config = loaded_config()
     seeds = seed_list(FLAGS.seeds, FLAGS.num_seeds, config.seed)
