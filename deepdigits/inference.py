@@ -22,7 +22,8 @@ from jax.sharding import Mesh
 from deepdigits import checkpointing, input_pipeline, rundir, sharding, train
 from deepdigits.data import Split, load_datasets, scale_images
 from deepdigits.errors import CheckpointError
-from deepdigits.evaluate import BatchNormRecalibrator, pad_to_batches
+from deepdigits.evaluate import BatchNormRecalibrator, Evaluator, pad_to_batches
+from deepdigits.metrics_log import MetricsLog
 
 
 @dataclasses.dataclass
@@ -101,3 +102,30 @@ def predict_logits(trained: Trained, images: np.ndarray,
   for (batch,) in sharding.sharded_batches(trained.mesh, (padded_images,), index_batches):
     out.append(np.asarray(jax.device_get(trained.logits_fn(trained.variables, batch))))
   return np.concatenate(out)[:len(images)]
+
+
+def evaluate_workdir(workdir: str, checkpoint: str = 'latest',
+                     config: Optional[ml_collections.ConfigDict] = None) -> dict:
+  """Scores a trained run's 'latest' or 'best' checkpoint on every test image (and on
+  its validation slice, if it held one out), as the run's own evaluation does: keys
+  named as in metrics.jsonl plus '<split>_errors', with '_recalibrated' ones when the
+  run re-estimates BatchNorm statistics. `config` defaults to workdir's config.json."""
+  config = config if config is not None else rundir.read_config(workdir)
+  variants = {'': load_trained(workdir, config, recalibrate=False, checkpoint=checkpoint)}
+  if config.bn_recalibration_batches:
+    variants['_recalibrated'] = load_trained(workdir, config, checkpoint=checkpoint)
+  datasets = load_datasets(config)
+  step = variants[''].step
+  result = {'workdir': workdir, 'checkpoint': checkpoint, 'step': step}
+  epochs = [r['epoch'] for r in MetricsLog(workdir).records() if r['step'] == step]
+  if epochs:
+    result['epoch'] = epochs[-1]
+  for suffix, trained in variants.items():
+    evaluator = Evaluator(trained.model, trained.mesh, config.eval_batch_size)
+    for name in ('validation', 'test'):
+      if name in datasets:
+        scores = evaluator(trained.params, trained.batch_stats, datasets[name])
+        result[f'{name}_examples'] = scores['examples']
+        for key in ('loss', 'accuracy', 'errors'):
+          result[f'{name}_{key}{suffix}'] = scores[key]
+  return result

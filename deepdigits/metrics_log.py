@@ -1,6 +1,7 @@
 """What a run reports: one readable line per epoch on stdout, the same as a JSON line in
 workdir/metrics.jsonl and as TensorBoard scalars in workdir/, and a progress bar within
-each epoch. Only process 0 reports in a multi-host run."""
+each epoch. Only process 0 reports in a multi-host run. Also the lines that
+`main.py --mode=evaluate` prints."""
 
 import json
 import os
@@ -117,3 +118,20 @@ def format_record(r: dict) -> str:
   line += (f"  {r['epoch_seconds']:.1f} s  "
            f"{r['train_images_per_second']:.0f} img/s")
   return line
+
+
+def format_evaluation(result: dict) -> str:
+  """The lines of `inference.evaluate_workdir`'s result: a line per split and BatchNorm
+  statistics (running, and recalibrated if the run recalibrates)."""
+  epoch = f' (epoch {result["epoch"]})' if 'epoch' in result else ''
+  lines = [f'{result["workdir"]}: {result["checkpoint"]} checkpoint, step '
+           f'{result["step"]}{epoch}']
+  for name in ('test', 'validation'):
+    for suffix, stats in (('', 'running'), ('_recalibrated', 'recalibrated')):
+      if f'{name}_accuracy{suffix}' in result:
+        lines.append(
+            f'{name:<10}  loss {result[f"{name}_loss{suffix}"]:.4f}  accuracy '
+            f'{result[f"{name}_accuracy{suffix}"]:.4f}  errors '
+            f'{result[f"{name}_errors{suffix}"]:,} of {result[f"{name}_examples"]:,}  '
+            f'({stats} BatchNorm statistics)')
+  return '\n'.join(lines)

@@ -195,12 +195,12 @@ def finished_record(point: Point) -> Optional[dict]:
   return None
 
 
-def run_sweep(config: ml_collections.ConfigDict, workdir: str, specs: list[str],
-              say: Callable[[str], None] = print) -> list[dict]:
-  """Runs every unfinished point in turn and writes the tables after each; returns the
-  rows, best first. A point that fails is reported on its row and the others go on;
-  a DeepDigitsError at the end says which failed. Preemption stops the sweep."""
-  points = plan(config, workdir, specs)
+def run_points(workdir: str, points: list[Point], say: Callable[[str], None],
+               on_progress: Callable[[dict[str, str]], Any]) -> dict[str, str]:
+  """Trains every unfinished point in turn under workdir's lock; returns each point's
+  status ('done' or 'failed: ...'). `on_progress(status)` runs after every point and
+  on the way out (tables readable while the points run). A point that fails is
+  reported and the others go on; preemption stops them all."""
   rundir.prepare(workdir)
   status = {p.name: 'pending' for p in points}
   with rundir.locked(workdir):
@@ -220,15 +220,35 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, specs: list[str],
         except DeepDigitsError as e:
           status[point.name] = f'failed: {e}'
           say(f'deepdigits: error: point {point.name}: {e}')
-        write_results(workdir, points, status)  # progress, readable while the sweep runs
+        on_progress(status)
     finally:
-      rows, table = write_results(workdir, points, status)
-  say(table.rstrip())
+      on_progress(status)
+  return status
+
+
+def failed_points_error(points: list[Point], status: dict[str, str],
+                        table: str) -> Optional[DeepDigitsError]:
+  """The error naming the failed points, or None if every point is done."""
   failed = [p.name for p in points if status[p.name].startswith('failed')]
-  if failed:
-    raise DeepDigitsError(f'{len(failed)} of {len(points)} points failed '
-                          f'({", ".join(failed)}); see '
-                          f'{os.path.join(workdir, RESULTS_MD)}.')
+  if not failed:
+    return None
+  return DeepDigitsError(f'{len(failed)} of {len(points)} points failed '
+                         f'({", ".join(failed)}); see {table}.')
+
+
+def run_sweep(config: ml_collections.ConfigDict, workdir: str, specs: list[str],
+              say: Callable[[str], None] = print) -> list[dict]:
+  """Runs every unfinished point in turn and writes the tables after each; returns the
+  rows, best first. A point that fails is reported on its row and the others go on;
+  a DeepDigitsError at the end says which failed. Preemption stops the sweep."""
+  points = plan(config, workdir, specs)
+  status = run_points(workdir, points, say,
+                      lambda status: write_results(workdir, points, status))
+  rows, table = write_results(workdir, points, status)
+  say(table.rstrip())
+  error = failed_points_error(points, status, os.path.join(workdir, RESULTS_MD))
+  if error:
+    raise error
   return rows
 
 

@@ -1,0 +1,174 @@
+"""Ensembles of trained runs: `python -m deepdigits.ensemble [--checkpoint=best] DIR1 DIR2 ...`
+(or the folder of `deepdigits.seeds`, which stands for its seeds' workdirs).
+
+Each member predicts every test image with its own config (`inference.load_trained`:
+recalibrated BatchNorm statistics if its run recalibrated); the ensemble's prediction is
+the mean of the members' softmax probabilities. Members must be scored on the same test
+set, checked image by image. The members' and the ensemble's accuracy, errors and loss
+(the negative log-likelihood of the averaged probabilities) are printed and written to
+`ensemble.json` beside the first member (or `--out`).
+"""
+
+import json
+import os
+import re
+import sys
+from typing import Callable, Sequence
+
+import numpy as np
+from absl import app, flags, logging
+
+from deepdigits import inference, rundir
+from deepdigits.cli import parse_flags
+from deepdigits.data import load_datasets
+from deepdigits.errors import ConfigError, DeepDigitsError
+
+ENSEMBLE_JSON = 'ensemble.json'
+
+
+# ---------------------------------------------------------------- the combination (pure)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+  """Log-probabilities [N, C] of logits [N, C], in float64."""
+  logits = np.asarray(logits, np.float64)
+  shifted = logits - logits.max(-1, keepdims=True)
+  return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+def scores(log_probs: np.ndarray, labels: np.ndarray) -> dict:
+  """Accuracy, errors, examples and mean negative log-likelihood of the labels."""
+  correct = int(np.sum(log_probs.argmax(-1) == labels))
+  return {'accuracy': correct / len(labels),
+          'errors': len(labels) - correct,
+          'examples': len(labels),
+          'loss': float(-np.mean(log_probs[np.arange(len(labels)), labels]))}
+
+
+def combine(member_logits: Sequence[np.ndarray], labels: np.ndarray) -> dict:
+  """{'members': [scores], 'ensemble': scores} of the mean of the members' softmax
+  probabilities; the log of the mean is taken stably (log-sum-exp)."""
+  if not member_logits:
+    raise ValueError('an ensemble needs at least one member')
+  log_probs = np.stack([log_softmax(l) for l in member_logits])
+  mean_log_probs = np.logaddexp.reduce(log_probs, axis=0) - np.log(len(log_probs))
+  return {'members': [scores(lp, labels) for lp in log_probs],
+          'ensemble': scores(mean_log_probs, labels)}
+
+
+# ---------------------------------------------------------------- members
+
+
+def _natural_key(name: str):
+  """'seed=10' after 'seed=2'."""
+  return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', name)]
+
+
+def expand_workdirs(paths: Sequence[str]) -> list[str]:
+  """Each path as itself if it is a training workdir (it has config.json), else as the
+  workdirs in its subfolders (a seeds or sweep folder); a ConfigError otherwise."""
+  workdirs = []
+  for path in paths:
+    if os.path.isfile(os.path.join(path, rundir.CONFIG_NAME)):
+      workdirs.append(path)
+      continue
+    subfolders = sorted(os.listdir(path), key=_natural_key) if os.path.isdir(path) else []
+    found = [os.path.join(path, name) for name in subfolders
+             if os.path.isfile(os.path.join(path, name, rundir.CONFIG_NAME))]
+    if not found:
+      raise ConfigError(f'{path!r} is neither a training workdir (no config.json) nor a '
+                        'folder of them (a seeds or sweep folder).')
+    workdirs.extend(found)
+  if not workdirs:
+    raise ConfigError('give the workdirs of the members, e.g. runs/a runs/b, or a seeds '
+                      'folder.')
+  normalized = [os.path.normpath(w) for w in workdirs]
+  repeated = sorted({w for w in normalized if normalized.count(w) > 1})
+  if repeated:
+    raise ConfigError(f'{repeated[0]} is given twice.')
+  return workdirs
+
+
+def default_output(workdirs: Sequence[str]) -> str:
+  """ensemble.json in the folder that holds the first member."""
+  return os.path.join(os.path.dirname(os.path.normpath(workdirs[0])) or '.', ENSEMBLE_JSON)
+
+
+def evaluate_ensemble(workdirs: Sequence[str], checkpoint: str = 'latest',
+                      say: Callable[[str], None] = print) -> dict:
+  """Every member's and the ensemble's scores on the members' (common) test set."""
+  test, member_logits, members = None, [], []
+  for workdir in workdirs:
+    trained = inference.load_trained(workdir, checkpoint=checkpoint)
+    member_test = load_datasets(trained.config)['test']
+    if test is None:
+      test, first = member_test, workdir
+    elif not (np.array_equal(member_test.labels, test.labels) and
+              np.array_equal(member_test.images, test.images)):
+      raise ConfigError(f'{workdir} is scored on another test set than {first} '
+                        f'({len(member_test):,} and {len(test):,} images, not the same); '
+                        'an ensemble needs one.')
+    say(f'ensemble: {workdir}: step {trained.step}, {len(test):,} test images')
+    member_logits.append(inference.predict_logits(trained, test.images))
+    members.append({'workdir': workdir, 'step': trained.step})
+    del trained
+  result = combine(member_logits, test.labels)
+  for member, member_scores in zip(members, result['members']):
+    member.update(member_scores)
+  return {'checkpoint': checkpoint, 'members': members, 'ensemble': result['ensemble']}
+
+
+def format_result(result: dict) -> str:
+  """The printed table: a line per member, then the ensemble's."""
+  width = max(len(m['workdir']) for m in result['members'] + [{'workdir': 'ensemble'}])
+  line = lambda name, step, s: (f'{name:<{width}}  {step:>7}  {s["accuracy"]:.4f}  '
+                                f'{s["errors"]:>6,}  {s["loss"]:.4f}')
+  lines = [f'{"member":<{width}}  {"step":>7}  accuracy  errors  loss']
+  lines += [line(m['workdir'], m['step'], m) for m in result['members']]
+  ensemble = result['ensemble']
+  lines.append(line('ensemble', '', ensemble))
+  lines.append(f'ensemble of {len(result["members"])} ({result["checkpoint"]} '
+               f'checkpoints, mean of softmax probabilities): accuracy '
+               f'{ensemble["accuracy"]:.4f}, {ensemble["errors"]:,} errors of '
+               f'{ensemble["examples"]:,}, loss {ensemble["loss"]:.4f}')
+  return '\n'.join(lines)
+
+
+# ---------------------------------------------------------------- command
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  """The command's flags; defined only when run as a command (absl flags are global)."""
+  flags.DEFINE_list('workdirs', [], 'Members (comma-separated), besides those given as '
+                    'arguments; a seeds folder stands for its seeds.')
+  flags.DEFINE_enum('checkpoint', 'latest', ['latest', 'best'], "Each member's latest "
+                    'checkpoint, or its best (highest validation accuracy).')
+  flags.DEFINE_string('out', None, 'Where to write the JSON (default: ensemble.json in '
+                      'the folder holding the first member).')
+
+
+def main(argv):
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+  try:
+    workdirs = expand_workdirs(list(argv[1:]) + FLAGS.workdirs)
+    result = evaluate_ensemble(workdirs, FLAGS.checkpoint)
+  except DeepDigitsError as e:
+    sys.exit(f'deepdigits: error: {e}')
+  print(format_result(result), flush=True)
+  out = FLAGS.out or default_output(workdirs)
+  try:
+    with open(out, 'w') as f:
+      json.dump(result, f, indent=2)
+      f.write('\n')
+  except OSError as e:
+    sys.exit(f'deepdigits: error: cannot write {out}: {e.strerror}.')
+  print(f'written to {out}')
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main, flags_parser=parse_flags)

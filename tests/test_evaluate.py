@@ -1,0 +1,79 @@
+"""`main.py --mode=evaluate` and `inference.evaluate_workdir`: a trained workdir's
+checkpoint scored again gives the run's own numbers; a folder that is not one is one
+clear line."""
+
+import re
+
+import pytest
+
+from conftest import tiny_config
+from deepdigits import inference, rundir, train
+from deepdigits.metrics_log import MetricsLog
+from test_main import run_main
+
+
+@pytest.fixture(scope='module')
+def run(tiny_mnist_dir, tmp_path_factory):
+  """A tiny run of 2 epochs, recalibrated, with a validation slice (so a best checkpoint)."""
+  workdir = tmp_path_factory.mktemp('evaluate') / 'run'
+  config = tiny_config(tiny_mnist_dir, train_subset=256, validation_size=128,
+                       bn_recalibration_batches=2, num_epochs=2)
+  train.train_and_evaluate(config, str(workdir))
+  return workdir
+
+
+def test_the_command_prints_the_runs_final_numbers(run):
+  result = run_main(f'--workdir={run}', '--mode=evaluate')
+  assert result.returncode == 0, result.stderr[-2000:]
+  record = MetricsLog(str(run)).records()[-1]
+  assert f'{run}: latest checkpoint, step 8 (epoch 2)' in result.stdout
+  printed = {}
+  for split, loss, accuracy, errors, examples, stats in re.findall(
+      r'^(test|validation) +loss (\S+)  accuracy (\S+)  errors (\d+) of (\d+)  '
+      r'\((running|recalibrated) BatchNorm statistics\)$', result.stdout, re.M):
+    suffix = '_recalibrated' if stats == 'recalibrated' else ''
+    printed[f'{split}{suffix}'] = (float(loss), float(accuracy), int(errors), int(examples))
+  assert sorted(printed) == ['test', 'test_recalibrated', 'validation',
+                             'validation_recalibrated']
+  for key, (loss, accuracy, errors, examples) in printed.items():
+    split, _, suffix = key.partition('_')
+    suffix = f'_{suffix}' if suffix else ''
+    assert accuracy == round(record[f'{split}_accuracy{suffix}'], 4), key
+    assert loss == round(record[f'{split}_loss{suffix}'], 4), key
+    assert examples == record[f'{split}_examples'] == {'test': 300, 'validation': 128}[split]
+    assert errors == round((1 - record[f'{split}_accuracy{suffix}']) * examples), key
+
+
+def test_the_best_checkpoint_gives_the_numbers_of_its_epoch(run):
+  records = MetricsLog(str(run)).records()
+  best = [r for r in records if r.get('best_checkpoint')][-1]
+  result = inference.evaluate_workdir(str(run), checkpoint='best')
+  assert (result['step'], result['epoch'], result['checkpoint']) == (
+      best['step'], best['epoch'], 'best')
+  for key in ('test_accuracy', 'test_loss', 'test_accuracy_recalibrated',
+              'validation_accuracy', 'validation_accuracy_recalibrated'):
+    assert result[key] == pytest.approx(best[key], abs=1e-6), key
+  assert result['test_errors'] == round((1 - best['test_accuracy']) * 300)
+  assert result['test_examples'] == 300 and result['validation_examples'] == 128
+
+
+@pytest.mark.parametrize('setup,args,message', [
+    ('empty', ['--mode=evaluate'],
+     "config.json not found: '{dir}' is not the workdir of a training run"),
+    ('config', ['--mode=evaluate'], 'no {dir}/checkpoints; train there first.'),
+    ('config', ['--mode=evaluate', '--checkpoint=best'],
+     'no {dir}/best_checkpoint (a best checkpoint is kept only with '
+     '--config.validation_size > 0); train there first.'),
+    ('empty', [], '--config is required to train (or give --mode=evaluate'),
+    ('empty', ['--config=configs/cpu_quick.py', '--checkpoint=best'],
+     '--checkpoint is for --mode=evaluate'),
+])
+def test_a_folder_that_is_not_a_trained_run_is_one_clear_error(setup, args, message,
+                                                                tmp_path):
+  if setup == 'config':
+    rundir.write_config(str(tmp_path), tiny_config(''))
+  result = run_main(f'--workdir={tmp_path}', *args, devices=1, timeout=300)
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1].startswith('deepdigits: error: ')
+  assert message.format(dir=tmp_path) in result.stderr
+  assert 'Traceback' not in result.stderr
