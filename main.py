@@ -8,10 +8,10 @@ Kept thin on purpose, as in flax's examples: flags and platform set-up here, the
 
 import sys
 
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
-from deepdigits.cli import loaded_config, parse_flags
+from deepdigits.cli import loaded_config, run_command
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.jsonl.')
@@ -32,11 +32,7 @@ flags.DEFINE_integer('process_id', None, 'This process, 0..num_processes-1 (--di
 flags.mark_flags_as_required(['workdir'])
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every file at INFO
+def main():
   if FLAGS.mode == 'train' and not FLAGS['config'].present:
     sys.exit('deepdigits: error: --config is required to train (or give --mode=evaluate '
              'to score a trained workdir).')
@@ -44,26 +40,18 @@ def main(argv):
     sys.exit('deepdigits: error: --checkpoint is for --mode=evaluate.')
   # Imported here so that flag and config errors come before jax's start-up time.
   import jax  # pylint: disable=g-import-not-at-top
-  from deepdigits.errors import DeepDigitsError  # pylint: disable=g-import-not-at-top
   from deepdigits.inference import evaluate_workdir  # pylint: disable=g-import-not-at-top
   from deepdigits.metrics_log import format_evaluation  # pylint: disable=g-import-not-at-top
-  from deepdigits.preemption import Preempted  # pylint: disable=g-import-not-at-top
   from deepdigits.train import train_and_evaluate  # pylint: disable=g-import-not-at-top
   if FLAGS.distributed:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                FLAGS.process_id)
-  try:
-    if FLAGS.mode == 'evaluate':
-      config = loaded_config() if FLAGS['config'].present else None
-      print(format_evaluation(evaluate_workdir(FLAGS.workdir, FLAGS.checkpoint, config)))
-    else:
-      train_and_evaluate(loaded_config(), FLAGS.workdir)
-  except Preempted as e:
-    print(f'deepdigits: {e}', file=sys.stderr)
-    sys.exit(e.exit_code)
-  except DeepDigitsError as e:
-    sys.exit(f'deepdigits: error: {e}')
+  if FLAGS.mode == 'evaluate':
+    config = loaded_config() if FLAGS['config'].present else None
+    print(format_evaluation(evaluate_workdir(FLAGS.workdir, FLAGS.checkpoint, config)))
+  else:
+    train_and_evaluate(loaded_config(), FLAGS.workdir)
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  run_command(main)

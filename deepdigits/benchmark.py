@@ -10,18 +10,16 @@ With `--config.data_dir` the real MNIST training images are used, else random by
 import functools
 import resource
 import statistics
-import sys
 import time
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from deepdigits import input_pipeline, sharding, train
-from deepdigits.cli import loaded_config, parse_flags
+from deepdigits.cli import loaded_config, run_command
 from deepdigits.data import IMAGE_SHAPE, Split, read_idx_split
-from deepdigits.errors import DeepDigitsError
 from deepdigits.evaluate import Evaluator
 
 FLAGS = flags.FLAGS
@@ -143,16 +141,9 @@ def run_benchmark(config, steps: int, windows: int, eval_batches: int) -> dict:
   return result
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
-  try:
-    run_benchmark(loaded_config(), FLAGS.steps, FLAGS.windows, FLAGS.eval_batches)
-  except DeepDigitsError as e:
-    sys.exit(f'deepdigits: error: {e}')
+def main():
+  run_benchmark(loaded_config(), FLAGS.steps, FLAGS.windows, FLAGS.eval_batches)
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=parse_flags)
+  run_command(main)

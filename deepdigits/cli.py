@@ -2,8 +2,9 @@
 clear line, not a traceback."""
 
 import sys
+from typing import Any, Callable
 
-from absl import flags
+from absl import app, flags, logging
 
 
 def parse_flags(argv):
@@ -32,3 +33,31 @@ def loaded_config():
   except OSError as e:
     sys.exit(f'deepdigits: error: --config: {" ".join(str(e).split())}')
   return config
+
+
+def run_command(body: Callable[..., Any], takes_args: bool = False) -> None:
+  """absl's app.run around a command's `body()` (or `body(args)` if it takes positional
+  arguments), with what every command shares: other arguments refused, Orbax's
+  per-file INFO logging quieted, and a DeepDigitsError or a preemption ending the
+  process with one line (exit 1, or 128 + the signal)."""
+
+  def main(argv):
+    args = argv[1:]
+    if args and not takes_args:
+      raise app.UsageError(f'unexpected arguments: {" ".join(args)}')
+    if not flags.FLAGS['verbosity'].present:
+      logging.set_verbosity(logging.WARNING)
+    # Imported here so that flag and config errors come before jax's start-up time.
+    from deepdigits.errors import DeepDigitsError  # pylint: disable=g-import-not-at-top
+    from deepdigits.preemption import Preempted  # pylint: disable=g-import-not-at-top
+    try:
+      status = body(args) if takes_args else body()
+    except Preempted as e:
+      print(f'deepdigits: {e}', file=sys.stderr)
+      sys.exit(e.exit_code)
+    except DeepDigitsError as e:
+      sys.exit(f'deepdigits: error: {e}')
+    if status:
+      sys.exit(status)
+
+  app.run(main, flags_parser=parse_flags)

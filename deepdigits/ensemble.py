@@ -16,12 +16,12 @@ import sys
 from typing import Callable, Sequence
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 
 from deepdigits import inference, rundir
-from deepdigits.cli import parse_flags
+from deepdigits.cli import run_command
 from deepdigits.data import load_datasets
-from deepdigits.errors import ConfigError, DeepDigitsError
+from deepdigits.errors import ConfigError
 
 ENSEMBLE_JSON = 'ensemble.json'
 
@@ -150,14 +150,9 @@ def define_flags():
                       'the folder holding the first member).')
 
 
-def main(argv):
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
-  try:
-    workdirs = expand_workdirs(list(argv[1:]) + FLAGS.workdirs)
-    result = evaluate_ensemble(workdirs, FLAGS.checkpoint)
-  except DeepDigitsError as e:
-    sys.exit(f'deepdigits: error: {e}')
+def main(paths):
+  workdirs = expand_workdirs(list(paths) + FLAGS.workdirs)
+  result = evaluate_ensemble(workdirs, FLAGS.checkpoint)
   print(format_result(result), flush=True)
   out = FLAGS.out or default_output(workdirs)
   try:
@@ -171,4 +166,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main, flags_parser=parse_flags)
+  run_command(main, takes_args=True)

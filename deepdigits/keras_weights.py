@@ -20,7 +20,6 @@ import io
 import json
 import os
 import re
-import sys
 import zipfile
 from typing import Optional
 
@@ -29,13 +28,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from deepdigits import checkpointing, rundir, sharding, train
-from deepdigits.cli import loaded_config, parse_flags
+from deepdigits.cli import loaded_config, run_command
 from deepdigits.data import IMAGE_SHAPE
-from deepdigits.errors import CheckpointError, DeepDigitsError, KerasWeightsError
+from deepdigits.errors import CheckpointError, KerasWeightsError
 from deepdigits.model import DeepDigitsCNN
 
 
@@ -232,16 +231,9 @@ def define_flags():
   flags.mark_flags_as_required(['keras_weights', 'workdir', 'config'])
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
+def main():
   config = loaded_config()
-  try:
-    path = write_workdir(load_keras_weights(FLAGS.keras_weights), config, FLAGS.workdir)
-  except DeepDigitsError as e:
-    sys.exit(f'deepdigits: error: {e}')
+  path = write_workdir(load_keras_weights(FLAGS.keras_weights), config, FLAGS.workdir)
   print(f'wrote the weights of {FLAGS.keras_weights} to {path}; '
         f'deepdigits.inference.load_trained({FLAGS.workdir!r}) reads them.')
   if config.bn_recalibration_batches:
@@ -252,4 +244,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main, flags_parser=parse_flags)
+  run_command(main)

@@ -15,12 +15,12 @@ import sys
 from typing import Sequence
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags
 from matplotlib.figure import Figure  # no pyplot: no global state; PNGs render with Agg
 
-from deepdigits.cli import parse_flags
+from deepdigits.cli import run_command
 from deepdigits.data import NUM_CLASSES
-from deepdigits.errors import ConfigError, DeepDigitsError
+from deepdigits.errors import ConfigError
 from deepdigits.metrics_log import MetricsLog
 
 FLAGS = flags.FLAGS
@@ -168,16 +168,9 @@ def write_plots(workdir: str, misclassified_only: bool = False, num_images: int 
   return written
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
-  try:
-    for path in write_plots(FLAGS.workdir, FLAGS.misclassified_only, FLAGS.num_images):
-      print(path)
-  except DeepDigitsError as e:
-    sys.exit(f'deepdigits: error: {e}')
+def main():
+  for path in write_plots(FLAGS.workdir, FLAGS.misclassified_only, FLAGS.num_images):
+    print(path)
 
 
 def define_flags():
@@ -192,4 +185,4 @@ def define_flags():
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main, flags_parser=parse_flags)
+  run_command(main)

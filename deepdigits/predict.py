@@ -13,12 +13,12 @@ import sys
 from typing import Sequence
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from deepdigits import preprocess
-from deepdigits.cli import parse_flags
-from deepdigits.errors import DeepDigitsError, ImageError
+from deepdigits.cli import run_command
+from deepdigits.errors import ImageError
 
 FLAGS = flags.FLAGS
 
@@ -102,17 +102,10 @@ def predict_files(workdir: str, paths: Sequence[str],
   return failed
 
 
-def main(argv):
-  if len(argv) < 2:
+def main(paths):
+  if not paths:
     raise app.UsageError('give one or more image files after the flags.')
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
-  try:
-    failed = predict_files(FLAGS.workdir, argv[1:], FLAGS.preprocess_28x28)
-  except DeepDigitsError as e:
-    sys.exit(f'deepdigits: error: {e}')
-  if failed:
-    sys.exit(1)
+  return 1 if predict_files(FLAGS.workdir, paths, FLAGS.preprocess_28x28) else 0
 
 
 def define_flags():
@@ -127,4 +120,4 @@ def define_flags():
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main, flags_parser=parse_flags)
+  run_command(main, takes_args=True)

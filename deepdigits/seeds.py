@@ -11,18 +11,16 @@ standard deviation go to `DIR/seeds.md` and `DIR/seeds.json`, rewritten after ev
 import json
 import os
 import statistics
-import sys
 from typing import Any, Callable, Optional
 
 import ml_collections
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from deepdigits import sweep
-from deepdigits.cli import loaded_config, parse_flags
-from deepdigits.errors import ConfigError, DeepDigitsError
+from deepdigits.cli import loaded_config, run_command
+from deepdigits.errors import ConfigError
 from deepdigits.metrics_log import MetricsLog
-from deepdigits.preemption import Preempted
 
 SEEDS_MD = 'seeds.md'
 SEEDS_JSON = 'seeds.json'
@@ -184,25 +182,15 @@ def define_flags():
   flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
-  try:
-    seed_overridden = 'config.seed' in FLAGS and FLAGS['config.seed'].present
-    if FLAGS.seeds is not None and seed_overridden:
-      raise ConfigError('--config.seed and --seeds both set the seed; keep one.')
-    config = loaded_config()
-    seeds = seed_list(FLAGS.seeds, FLAGS.num_seeds, config.seed)
-    run_seeds(config, FLAGS.workdir, seeds, say=lambda line: print(line, flush=True))
-  except Preempted as e:
-    print(f'deepdigits: {e} (stopped; run the same command to go on)', file=sys.stderr)
-    sys.exit(e.exit_code)
-  except DeepDigitsError as e:
-    sys.exit(f'deepdigits: error: {e}')
+def main():
+  seed_overridden = 'config.seed' in FLAGS and FLAGS['config.seed'].present
+  if FLAGS.seeds is not None and seed_overridden:
+    raise ConfigError('--config.seed and --seeds both set the seed; keep one.')
+  config = loaded_config()
+  seeds = seed_list(FLAGS.seeds, FLAGS.num_seeds, config.seed)
+  run_seeds(config, FLAGS.workdir, seeds, say=lambda line: print(line, flush=True))
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main, flags_parser=parse_flags)
+  run_command(main)

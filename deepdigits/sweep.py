@@ -19,16 +19,15 @@ import io
 import itertools
 import json
 import os
-import sys
 import urllib.parse
 from typing import Any, Callable, Optional
 
 import ml_collections
-from absl import app, flags, logging
+from absl import flags
 from ml_collections import config_flags
 
 from deepdigits import rundir, sharding, train
-from deepdigits.cli import loaded_config, parse_flags
+from deepdigits.cli import loaded_config, run_command
 from deepdigits.errors import ConfigError, DeepDigitsError
 from deepdigits.metrics_log import MetricsLog
 from deepdigits.preemption import Preempted
@@ -361,27 +360,15 @@ def define_flags():
   flags.mark_flags_as_required(['config', 'workdir', 'grid'])
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
+def main():
   for spec in FLAGS.grid:
     field = spec.partition('=')[0].strip()
     if f'config.{field}' in FLAGS and FLAGS[f'config.{field}'].present:
-      sys.exit(f'deepdigits: error: --config.{field} and --grid {field} both set it; '
-               'keep one.')
-  try:
-    run_sweep(loaded_config(), FLAGS.workdir, FLAGS.grid,
-              say=lambda line: print(line, flush=True))
-  except Preempted as e:
-    print(f'deepdigits: {e} (the sweep stopped; run the same command to go on)',
-          file=sys.stderr)
-    sys.exit(e.exit_code)
-  except DeepDigitsError as e:
-    sys.exit(f'deepdigits: error: {e}')
+      raise ConfigError(f'--config.{field} and --grid {field} both set it; keep one.')
+  run_sweep(loaded_config(), FLAGS.workdir, FLAGS.grid,
+            say=lambda line: print(line, flush=True))
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main, flags_parser=parse_flags)
+  run_command(main)
