@@ -1,6 +1,6 @@
 """One process of a multi-process CPU run (used by test_multihost.py).
 
-usage: python multihost_worker.py PROCESS_ID NUM_PROCESSES PORT DEVICES DATA_DIR WORKDIR OUT
+usage: python multihost_worker.py PROCESS_ID NUM_PROCESSES PORT DEVICES DATA_DIR WORKDIR OUT FEED
 With NUM_PROCESSES=1 it is the single-process reference run.
 """
 
@@ -8,7 +8,7 @@ import os
 import sys
 
 process_id, num_processes, port, devices = (int(a) for a in sys.argv[1:5])
-data_dir, workdir, out = sys.argv[5:8]
+data_dir, workdir, out, feed = sys.argv[5:9]
 os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
 os.environ['JAX_PLATFORMS'] = 'cpu'
 
@@ -30,6 +30,8 @@ config.train_subset = 64  # two steps of 32
 config.batch_size = 32
 config.eval_batch_size = 64
 config.num_epochs = 1
+config.input_pipeline = feed
+config.model_summary = False
 record = train.train_and_evaluate(config, workdir)
 
 fresh = train.create_train_state(config, train.make_model(config), sharding.make_mesh())

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import REPO
 
@@ -20,22 +21,27 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def worker(process_id, num_processes, port, devices, data_dir, workdir, out):
+def worker(process_id, num_processes, port, devices, data_dir, workdir, out, feed):
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   return subprocess.Popen(
       [sys.executable, str(WORKER), str(process_id), str(num_processes), str(port),
-       str(devices), data_dir, str(workdir), str(out)],
+       str(devices), data_dir, str(workdir), str(out), feed],
       cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_two_processes_match_one_process_with_four_devices(mnist_dir, tmp_path):
+@pytest.mark.parametrize('feed', ['host', 'device'])
+def test_two_processes_match_one_process_with_four_devices(mnist_dir, tmp_path, feed):
+  """With the host feed each process reads only its rows of every batch; with the
+  device feed each holds the split and its devices gather their rows."""
   port = free_port()
-  processes = [worker(i, 2, port, 2, mnist_dir, tmp_path / 'multi', tmp_path / f'p{i}.npz')
+  processes = [worker(i, 2, port, 2, mnist_dir, tmp_path / 'multi', tmp_path / f'p{i}.npz',
+                      feed)
                for i in range(2)]
   for p in processes:
     output, _ = p.communicate(timeout=600)
     assert p.returncode == 0, output[-3000:]
-  single = worker(0, 1, 0, 4, mnist_dir, tmp_path / 'single', tmp_path / 'single.npz')
+  single = worker(0, 1, 0, 4, mnist_dir, tmp_path / 'single', tmp_path / 'single.npz',
+                  feed)
   output, _ = single.communicate(timeout=600)
   assert single.returncode == 0, output[-3000:]
 
