@@ -1,4 +1,4 @@
-"""Opt-in soak (`python -m pytest -m slow tests/test_soak.py -s`, about 20 minutes here):
+"""Opt-in soak (`python -m pytest -m slow tests/test_soak.py -s`, about 30 minutes here):
 10,000+ steps on the real MNIST with a checkpoint every 500 steps. Host memory stays
 flat and the checkpoint folder holds exactly max_to_keep checkpoints."""
 
