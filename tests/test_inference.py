@@ -35,7 +35,7 @@ def test_a_folder_that_is_not_a_trained_workdir_is_a_clear_error(tmp_path):
 
 
 def test_best_checkpoint_follows_validation_accuracy(tiny_mnist_dir, tmp_path):
-  config = tiny_config(tiny_mnist_dir, validation_size=256, num_epochs=3)
+  config = tiny_config(tiny_mnist_dir, validation_size=256, num_epochs=2)
   train.train_and_evaluate(config, str(tmp_path))
   records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
   best = max(records, key=lambda r: r['validation_accuracy'])  # first of any tie
