@@ -74,16 +74,25 @@ def load_trained(workdir: str, config: Optional[ml_collections.ConfigDict] = Non
     raise CheckpointError(f'no readable checkpoint in {directory}; train there first.')
   model = train.make_model(config, differentiated=False)
   params, batch_stats = train.evaluation_variables(state)  # the moving averages if kept
-  step = int(state.step)
+  trained = Trained(config, model, mesh, params, batch_stats, int(state.step))
   if recalibrate and config.bn_recalibration_batches:
-    train_split = load_datasets(config)['train']
-    steps_per_epoch = len(train_split) // config.batch_size
-    epoch = max(0, -(-step // steps_per_epoch) - 1)  # the epoch that ended at `step`
-    index_batches = input_pipeline.epoch_index_batches(
-        train.epoch_order(config, epoch, len(train_split)), config.batch_size)
-    batch_stats = BatchNormRecalibrator(model, mesh)(
-        params, batch_stats, train_split, index_batches[:config.bn_recalibration_batches])
-  return Trained(config, model, mesh, params, batch_stats, step)
+    trained = recalibrated(trained, load_datasets(config)['train'])
+  return trained
+
+
+def recalibrated(trained: Trained, train_split: Split) -> Trained:
+  """`trained` with BatchNorm statistics re-estimated as its run did for evaluation: on
+  the first `bn_recalibration_batches` batches of the training order of the epoch that
+  ended at its step."""
+  config = trained.config
+  steps_per_epoch = len(train_split) // config.batch_size
+  epoch = max(0, -(-trained.step // steps_per_epoch) - 1)
+  index_batches = input_pipeline.epoch_index_batches(
+      train.epoch_order(config, epoch, len(train_split)), config.batch_size)
+  batch_stats = BatchNormRecalibrator(trained.model, trained.mesh)(
+      trained.params, trained.batch_stats, train_split,
+      index_batches[:config.bn_recalibration_batches])
+  return dataclasses.replace(trained, batch_stats=batch_stats)
 
 
 def _logits(model: nn.Module, variables, images):
@@ -111,11 +120,12 @@ def evaluate_workdir(workdir: str, checkpoint: str = 'latest',
   named as in metrics.jsonl plus '<split>_errors', with '_recalibrated' ones when the
   run re-estimates BatchNorm statistics. `config` defaults to workdir's config.json."""
   config = config if config is not None else rundir.read_config(workdir)
-  variants = {'': load_trained(workdir, config, recalibrate=False, checkpoint=checkpoint)}
-  if config.bn_recalibration_batches:
-    variants['_recalibrated'] = load_trained(workdir, config, checkpoint=checkpoint)
+  trained = load_trained(workdir, config, recalibrate=False, checkpoint=checkpoint)
   datasets = load_datasets(config)
-  step = variants[''].step
+  variants = {'': trained}
+  if config.bn_recalibration_batches:
+    variants['_recalibrated'] = recalibrated(trained, datasets['train'])
+  step = trained.step
   result = {'workdir': workdir, 'checkpoint': checkpoint, 'step': step}
   epochs = [r['epoch'] for r in MetricsLog(workdir).records() if r['step'] == step]
   if epochs:
