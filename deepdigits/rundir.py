@@ -59,13 +59,19 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Records the run's config as workdir/config.json (process 0), so that commands on a
   finished workdir (evaluate, predict, plots) rebuild the same model without flags;
   data folders are made absolute so those commands work from any folder."""
-  recorded = ml_collections.ConfigDict(config.to_dict())
-  for field in ('data_dir', 'tfds_data_dir'):  # usable from any folder later
-    if recorded.get(field):
-      recorded[field] = os.path.abspath(recorded[field])
   if jax.process_index() == 0:
     with open(os.path.join(workdir, CONFIG_NAME), 'w') as f:
-      f.write(recorded.to_json_best_effort(indent=2, sort_keys=True) + '\n')
+      f.write(json.dumps(recorded_config(config), indent=2, sort_keys=True) + '\n')
+
+
+def recorded_config(config: ml_collections.ConfigDict) -> dict:
+  """The config as config.json records it: JSON values, with the data folders made
+  absolute so that later commands work from any folder."""
+  recorded = json.loads(config.to_json_best_effort())
+  for field in ('data_dir', 'tfds_data_dir'):
+    if recorded.get(field):
+      recorded[field] = os.path.abspath(recorded[field])
+  return recorded
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:

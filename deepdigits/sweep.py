@@ -43,6 +43,8 @@ METRIC_COLUMNS = ('validation_accuracy', 'validation_accuracy_recalibrated',
                   'test_accuracy', 'test_accuracy_recalibrated')
 # Fields a point may change without its workdir counting as another experiment.
 EXTENDABLE_FIELDS = ('num_epochs',)
+# Fields that change what a run prints or writes beside its results, never the results.
+OUTPUT_FIELDS = ('progress', 'tensorboard', 'model_summary')
 TRUE_WORDS, FALSE_WORDS = ('true', '1', 'yes'), ('false', '0', 'no')
 
 Grid = list[tuple[str, list[Any]]]  # (field, values) in the order given
@@ -132,16 +134,12 @@ def point_config(config: ml_collections.ConfigDict,
 
 
 def config_differences(recorded: dict, wanted: dict) -> list[str]:
-  """Fields (other than EXTENDABLE_FIELDS) whose values differ, as readable phrases."""
+  """Fields (other than EXTENDABLE_FIELDS and OUTPUT_FIELDS) whose values differ, as
+  readable phrases."""
   show = lambda d, k: repr(d[k]) if k in d else 'unset'
   return [f'{k}={show(recorded, k)} there, {show(wanted, k)} now'
           for k in sorted(set(recorded) | set(wanted))
-          if k not in EXTENDABLE_FIELDS and show(recorded, k) != show(wanted, k)]
-
-
-def as_json_dict(config: ml_collections.ConfigDict) -> dict:
-  """The config as config.json records it (so the two compare equal)."""
-  return json.loads(config.to_json_best_effort())
+          if k not in EXTENDABLE_FIELDS + OUTPUT_FIELDS and show(recorded, k) != show(wanted, k)]
 
 
 @dataclasses.dataclass
@@ -172,7 +170,7 @@ def plan(config: ml_collections.ConfigDict, workdir: str,
     point_dir = os.path.join(workdir, name)
     if os.path.isfile(os.path.join(point_dir, rundir.CONFIG_NAME)):
       with open(os.path.join(point_dir, rundir.CONFIG_NAME)) as f:
-        differences = config_differences(json.load(f), as_json_dict(cfg))
+        differences = config_differences(json.load(f), rundir.recorded_config(cfg))
       if differences:
         raise ConfigError(
             f'{point_dir} was run with another config ({"; ".join(differences[:3])}); '

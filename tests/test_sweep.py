@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import REPO, tiny_config
-from deepdigits import sweep, train
+from deepdigits import rundir, sweep, train
 from deepdigits.errors import ConfigError, DeepDigitsError, NonFiniteError
 
 
@@ -60,6 +60,26 @@ def test_every_point_is_checked_before_anything_runs(tmp_path, monkeypatch):
       sweep.run_sweep(tiny_config(''), str(tmp_path), specs, say=lambda _: None)
   assert not calls
   assert not os.listdir(tmp_path)
+
+
+def test_a_rerun_from_another_folder_or_with_other_output_fields_is_the_same_config(
+    tmp_path, monkeypatch):
+  """config.json records data folders as absolute paths; the same command, a relative
+  --config.data_dir and another --config.progress must still match it."""
+  data_dir = tmp_path / 'mnist'
+  data_dir.mkdir()
+  monkeypatch.chdir(tmp_path)
+  config = tiny_config('mnist')
+  rundir.prepare(str(tmp_path / 'run'))
+  rundir.write_config(str(tmp_path / 'run'), config)
+  recorded = rundir.read_config(str(tmp_path / 'run')).to_dict()
+  assert recorded['data_dir'] == str(data_dir)
+  config.progress = not config.progress
+  assert sweep.config_differences(recorded, rundir.recorded_config(config)) == []
+  config.learning_rate *= 2
+  assert sweep.config_differences(recorded, rundir.recorded_config(config)) == [
+      f'learning_rate={recorded["learning_rate"]!r} there, '
+      f'{config.learning_rate!r} now']
 
 
 def row(lr, **metrics):
