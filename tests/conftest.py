@@ -1,7 +1,7 @@
 """Tests run on the CPU backend with 8 fake devices, set before jax is imported.
 
-A compilation cache shared by the tests and the runs they start in subprocesses saves
-compiling the same tiny-config steps over and over.
+A compilation cache shared by the tests, their pytest-xdist workers and the runs they
+start in subprocesses saves compiling the same tiny-config steps over and over.
 """
 
 import os
@@ -10,8 +10,11 @@ import tempfile
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ['JAX_PLATFORMS'] = 'cpu'
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='jax_cache_'))
-os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:  # set once, in the main pytest process
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='jax_cache_')
+# Every compile, even the many small ones (Orbax's first save slices each array: about
+# 100 tiny programs a process), so that the workers and subprocesses compile each once.
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 import pathlib  # pylint: disable=g-import-not-at-top
 
@@ -56,10 +59,11 @@ def mnist(mnist_dir) -> dict:
 
 @pytest.fixture(scope='session')
 def tiny_mnist_dir(tmp_path_factory, mnist) -> str:
-  """Real digits, few of them: 1,024 training and 300 test images as raw IDX files
-  (300 is not a multiple of any test batch size, so padding is exercised)."""
+  """Real digits, few of them: 512 training and 300 test images as raw IDX files
+  (300 is not a multiple of any test batch size, so padding is exercised). Few images
+  keep the many short runs of the full network quick: 8 steps of 64 per epoch."""
   directory = tmp_path_factory.mktemp('tiny_mnist')
-  train = data.Split(mnist['train'].images[:1024], mnist['train'].labels[:1024])
+  train = data.Split(mnist['train'].images[:512], mnist['train'].labels[:512])
   test = data.Split(mnist['test'].images[:300], mnist['test'].labels[:300])
   return write_mnist_idx(directory, train, test)
 
@@ -72,6 +76,7 @@ def tiny_config(data_dir: str, **overrides):
   config.batch_size = 64
   config.eval_batch_size = 64
   config.num_epochs = 1
+  config.model_summary = False  # printed and tested once, in test_reporting.py
   for name, value in overrides.items():
     config[name] = value
   return config
@@ -79,9 +84,22 @@ def tiny_config(data_dir: str, **overrides):
 
 @pytest.fixture(scope='session')
 def tiny_trained_workdir(tmp_path_factory, tiny_mnist_dir) -> str:
-  """A finished run on the tiny data (one epoch, 16 steps, BatchNorm recalibrated as
+  """A finished run on the tiny data (two epochs, 16 steps, BatchNorm recalibrated as
   in cpu_quick; about 20 s), shared by the commands that read a workdir."""
   from deepdigits import train  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path_factory.mktemp('tiny_run'))
-  train.train_and_evaluate(tiny_config(tiny_mnist_dir, bn_recalibration_batches=4), workdir)
+  train.train_and_evaluate(
+      tiny_config(tiny_mnist_dir, num_epochs=2, bn_recalibration_batches=4), workdir)
   return workdir
+
+
+# Tests that share one costly fixture run on the same pytest-xdist worker
+# (`--dist loadgroup` in pyproject.toml), so it is built once: each module's own
+# module-scoped fixtures, and tiny_trained_workdir for the two modules that read it.
+SHARED_WORKER = {'test_plots': 'tiny_trained_workdir', 'test_predict': 'tiny_trained_workdir'}
+
+
+def pytest_collection_modifyitems(items):
+  for item in items:
+    module = item.module.__name__.rsplit('.', 1)[-1]
+    item.add_marker(pytest.mark.xdist_group(SHARED_WORKER.get(module, module)))

@@ -66,13 +66,13 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_mnist_dir, tmp_path):
   for key in ('step', 'train_loss', 'train_accuracy', 'test_loss', 'test_accuracy',
               'test_accuracy_recalibrated'):
     assert straight[key] == resumed[key], key
-  assert straight['step'] == 2 * 16
+  assert straight['step'] == 2 * 8
 
   final = {}
   for name in ('straight', 'resumed'):
     manager = checkpointing.make_manager(str(tmp_path / name), max_to_keep=3)
     final[name] = checkpointing.restore_latest(manager, _state(config(2)))
-    assert manager.all_steps() == [16, 32]
+    assert manager.all_steps() == [8, 16]
   assert_trees_equal(final['straight'].params, final['resumed'].params)
   assert_trees_equal(final['straight'].opt_state, final['resumed'].opt_state)
   assert_trees_equal(final['straight'].batch_stats, final['resumed'].batch_stats)

@@ -154,19 +154,19 @@ def test_tfds_without_prepared_data_says_how_to_use_idx(tmp_path):
 
 
 def test_validation_slice_is_disjoint_from_training(tiny_mnist_dir, mnist):
-  config = tiny_config(tiny_mnist_dir, validation_size=100, train_subset=500)
+  config = tiny_config(tiny_mnist_dir, validation_size=100, train_subset=400)
   splits = data.load_datasets(config)
-  assert len(splits['train']) == 500 and len(splits['validation']) == 100
+  assert len(splits['train']) == 400 and len(splits['validation']) == 100
   assert len(splits['test']) == 300
-  # The validation slice is the last 100 of the 1,024 training images, the training
-  # subset the first 500: no image of one is in the other.
-  np.testing.assert_array_equal(splits['validation'].images, mnist['train'].images[924:1024])
-  np.testing.assert_array_equal(splits['train'].images, mnist['train'].images[:500])
+  # The validation slice is the last 100 of the 512 training images, the training
+  # subset the first 400: no image of one is in the other.
+  np.testing.assert_array_equal(splits['validation'].images, mnist['train'].images[412:512])
+  np.testing.assert_array_equal(splits['train'].images, mnist['train'].images[:400])
   train_rows = {img.tobytes() for img in splits['train'].images}
   assert not any(img.tobytes() in train_rows for img in splits['validation'].images)
 
 
 def test_validation_size_too_large(tiny_mnist_dir):
   with pytest.raises(DataError, match='leaves no training images'):
-    data.load_datasets(tiny_config(tiny_mnist_dir, validation_size=1024))
+    data.load_datasets(tiny_config(tiny_mnist_dir, validation_size=512))
 

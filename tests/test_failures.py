@@ -23,8 +23,11 @@ TIMING_KEYS = {'epoch_seconds', 'train_seconds', 'train_images_per_second',
 def restore(workdir, config):
   manager = checkpointing.make_manager(str(workdir), max_to_keep=10)
   model = train.make_model(config)
-  return checkpointing.restore_latest(
-      manager, train.create_train_state(config, model, sharding.make_mesh()))
+  try:
+    return checkpointing.restore_latest(
+        manager, train.create_train_state(config, model, sharding.make_mesh()))
+  finally:
+    manager.close()
 
 
 def metrics(workdir):
@@ -33,10 +36,10 @@ def metrics(workdir):
 
 
 def main_command(workdir, data_dir):
-  """main.py for 3 epochs of 16 steps (512 images, batch 32)."""
+  """main.py for 3 epochs of 8 steps (256 images, batch 32)."""
   return [sys.executable, str(REPO / 'main.py'), '--config=configs/default.py',
           f'--workdir={workdir}', f'--config.data_dir={data_dir}',
-          '--config.train_subset=512', '--config.batch_size=32',
+          '--config.train_subset=256', '--config.batch_size=32',
           '--config.eval_batch_size=64', '--config.num_epochs=3']
 
 
@@ -62,7 +65,7 @@ def test_sigterm_saves_and_the_resumed_run_ends_with_the_same_params(tiny_mnist_
   assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
   assert 'stopped by SIGTERM at step' in stderr and 'Run the same command to resume' in stderr
   stopped_at = int(stderr.split('at step ')[1].split(';')[0])
-  assert 16 < stopped_at < 48 and stopped_at != 32  # within epoch 2 or 3
+  assert 8 < stopped_at < 24 and stopped_at != 16  # within epoch 2 or 3
   assert (workdir / 'checkpoints' / str(stopped_at)).is_dir()
 
   resumed = subprocess.run(main_command(workdir, tiny_mnist_dir), cwd=REPO,
@@ -73,7 +76,7 @@ def test_sigterm_saves_and_the_resumed_run_ends_with_the_same_params(tiny_mnist_
 
   config = tiny_config(tiny_mnist_dir, batch_size=32, eval_batch_size=64)
   a, b = restore(tmp_path / 'straight', config), restore(workdir, config)
-  assert int(a.step) == int(b.step) == 48
+  assert int(a.step) == int(b.step) == 24
   for x, y in zip(jax.tree.leaves((a.params, a.batch_stats, a.opt_state)),
                   jax.tree.leaves((b.params, b.batch_stats, b.opt_state))):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))  # bitwise
@@ -90,18 +93,18 @@ def test_same_config_and_seed_give_identical_metrics(tiny_mnist_dir, tmp_path):
 
 
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_mnist_dir, tmp_path):
-  train.train_and_evaluate(tiny_config(tiny_mnist_dir), str(tmp_path))  # good: step 16
+  train.train_and_evaluate(tiny_config(tiny_mnist_dir), str(tmp_path))  # good: step 8
   absurd = tiny_config(tiny_mnist_dir, num_epochs=3, learning_rate=1e30,
                        checkpoint_every_steps=4)
   with pytest.raises(NonFiniteError) as info:
     train.train_and_evaluate(absurd, str(tmp_path))
   message = str(info.value)
-  assert 'became NaN or Inf at step 1' in message  # step 17 or 18: the first steps after 16
-  assert 'the last good checkpoint, step 16, is kept' in message
+  assert 'became NaN or Inf at step ' in message  # step 9 or 10: the first steps after 8
+  assert 'the last good checkpoint, step 8, is kept' in message
   bad_step = int(message.split('at step ')[1].split(';')[0])
-  assert bad_step in (17, 18)
+  assert bad_step in (9, 10)
   steps = sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir())
-  assert steps == [16]  # no poisoned checkpoint was written
+  assert steps == [8]  # no poisoned checkpoint was written
   state = restore(tmp_path, absurd)
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
 
@@ -111,18 +114,18 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tiny_mnist_dir
   config = tiny_config(tiny_mnist_dir, num_epochs=2)
   train.train_and_evaluate(config, str(tmp_path))
   checkpoints = tmp_path / 'checkpoints'
-  assert sorted(p.name for p in checkpoints.iterdir()) == ['16', '32']
-  for path in (checkpoints / '32').rglob('*'):  # scribble over every data file
-    if path.is_file() and 'ocdbt' in str(path.relative_to(checkpoints / '32')):
+  assert sorted(int(p.name) for p in checkpoints.iterdir()) == [8, 16]
+  for path in (checkpoints / '16').rglob('*'):  # scribble over every data file
+    if path.is_file() and 'ocdbt' in str(path.relative_to(checkpoints / '16')):
       path.write_bytes(b'garbage')
-  (checkpoints / '48.orbax-checkpoint-tmp').mkdir()  # a half-written save: ignored
+  (checkpoints / '24.orbax-checkpoint-tmp').mkdir()  # a half-written save: ignored
   state = restore(tmp_path, config)
-  assert int(state.step) == 16
+  assert int(state.step) == 8
   assert 'checkpoint' in capsys.readouterr().out
-  assert (tmp_path / 'corrupt_checkpoints' / '32').is_dir()  # moved, not deleted
-  # The run goes on from 16 and writes a good 32 again.
+  assert (tmp_path / 'corrupt_checkpoints' / '16').is_dir()  # moved, not deleted
+  # The run goes on from 8 and writes a good 16 again.
   record = train.train_and_evaluate(config, str(tmp_path))
-  assert record['step'] == 32 and (checkpoints / '32').is_dir()
+  assert record['step'] == 16 and (checkpoints / '16').is_dir()
 
 
 def test_two_runs_on_one_workdir_are_refused(tiny_mnist_dir, tmp_path):

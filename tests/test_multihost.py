@@ -30,17 +30,18 @@ def worker(process_id, num_processes, port, devices, data_dir, workdir, out, fee
 
 
 @pytest.mark.parametrize('feed', ['host'])
-def test_two_processes_match_one_process_with_four_devices(mnist_dir, tmp_path, feed):
+def test_two_processes_match_one_process_with_four_devices(tiny_mnist_dir, tmp_path,
+                                                         feed):
   """With the host feed each process reads only its rows of every batch (the device
   feed gives the same batches: tests/test_input_pipeline.py)."""
   port = free_port()
-  processes = [worker(i, 2, port, 2, mnist_dir, tmp_path / 'multi', tmp_path / f'p{i}.npz',
-                      feed)
+  processes = [worker(i, 2, port, 2, tiny_mnist_dir, tmp_path / 'multi',
+                      tmp_path / f'p{i}.npz', feed)
                for i in range(2)]
   for p in processes:
     output, _ = p.communicate(timeout=600)
     assert p.returncode == 0, output[-3000:]
-  single = worker(0, 1, 0, 4, mnist_dir, tmp_path / 'single', tmp_path / 'single.npz',
+  single = worker(0, 1, 0, 4, tiny_mnist_dir, tmp_path / 'single', tmp_path / 'single.npz',
                   feed)
   output, _ = single.communicate(timeout=600)
   assert single.returncode == 0, output[-3000:]

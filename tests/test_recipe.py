@@ -108,7 +108,8 @@ def test_recipe_fields_are_checked():
 def test_a_run_with_the_whole_recipe_evaluates_the_averaged_weights(tiny_mnist_dir, tmp_path):
   config = tiny_config(tiny_mnist_dir, augment_max_shift=2.0, augment_max_rotation=10.0,
                        augment_max_zoom=0.1, label_smoothing=0.1, lr_schedule='cosine',
-                       warmup_epochs=0.5, ema_decay=0.99, num_epochs=2)
+                       warmup_epochs=0.5, ema_decay=0.99, num_epochs=2,
+                       train_subset=256)
   record = train.train_and_evaluate(config, str(tmp_path))
   assert record['learning_rate'] < 1e-4  # cosine decayed to about 0 at the last step
   trained = inference.load_trained(str(tmp_path))

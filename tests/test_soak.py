@@ -1,4 +1,4 @@
-"""Opt-in soak (`python -m pytest -m slow -s tests/test_soak.py`, about 20 minutes here):
+"""Opt-in soak (`python -m pytest -m slow -s -n 0 tests/test_soak.py`, about 20 minutes here):
 10,000 steps on real MNIST digits with a checkpoint every 100 steps and a test pass
 every 250. Host memory stays flat and the checkpoint folder holds exactly max_to_keep
 checkpoints.
