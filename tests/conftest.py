@@ -21,7 +21,9 @@ import pathlib  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
 
-from deepdigits import data  # pylint: disable=g-import-not-at-top
+from deepdigits import data, host_memory  # pylint: disable=g-import-not-at-top
+
+host_memory.keep_freed_memory()  # as every command does, before JAX starts its threads
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MNIST_DIR = REPO.parent / 'shared' / 'data' / 'mnist'
