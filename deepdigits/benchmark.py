@@ -90,7 +90,10 @@ def run_benchmark(config, steps: int, windows: int, eval_batches: int) -> dict:
       for batch in feed.epoch(order, 0):
         jax.block_until_ready(batch)
 
+  train_window()  # the first steps map the step's memory in; not counted below
+  faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   train_seconds = timed_windows(train_window, windows)
+  page_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
   input_seconds = timed_windows(input_window, windows)
 
   eval_model = train.make_model(config, differentiated=False)
@@ -115,6 +118,9 @@ def run_benchmark(config, steps: int, windows: int, eval_batches: int) -> dict:
       'train_images_per_second': statistics.median(train_rate),
       'train_ms_per_step': 1000 * statistics.median(train_seconds) / steps,
       'input_ms_per_step': 1000 * statistics.median(input_seconds) / steps,
+      # Pages the OS had to map in per train step: near 0 when freed memory is kept
+      # (host_memory.keep_freed_memory), tens of thousands when it is not.
+      'host_page_faults_per_step': page_faults / ((windows + 1) * steps),
       'eval_compile_seconds': eval_compile_seconds,
       'eval_images_per_second': statistics.median(eval_rate),
       'peak_host_memory_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
@@ -134,7 +140,8 @@ def run_benchmark(config, steps: int, windows: int, eval_batches: int) -> dict:
         f"of {eval_batches} batches; min {min(eval_rate):.0f}, max {max(eval_rate):.0f}), "
         f"{r['eval_images_per_second'] / r['train_images_per_second']:.1f}x the train step, "
         f"compile {eval_compile_seconds:.1f} s")
-  print(f"peak host memory: {r['peak_host_memory_gib']:.2f} GiB")
+  print(f"peak host memory: {r['peak_host_memory_gib']:.2f} GiB; "
+        f"{r['host_page_faults_per_step']:.0f} page faults per train step")
   print(f"RESULT framework=deepdigits-jax batch={r['batch_size']} dtype={r['dtype']} "
         f"imgs_per_s={r['train_images_per_second']:.1f} "
         f"eval_imgs_per_s={r['eval_images_per_second']:.1f}")

@@ -15,6 +15,7 @@ def test_benchmark_runs_on_a_tiny_config_and_prints_its_fields(capsys, tiny_mnis
   # ms per step and images/s are medians of the same (odd number of) windows.
   images_per_step = result['train_ms_per_step'] * result['train_images_per_second'] / 1000
   assert abs(images_per_step - 16) < 1e-6
-  for line in ('train step:', 'input pipeline (device feed) alone:', 'eval step:', 'peak host memory:',
+  assert result['host_page_faults_per_step'] >= 0
+  for line in ('train step:', 'page faults per train step', 'input pipeline (device feed) alone:', 'eval step:', 'peak host memory:',
                'dtype float32', '8 x cpu', 'RESULT framework=deepdigits-jax batch=16'):
     assert line in out, line
