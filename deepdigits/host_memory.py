@@ -33,7 +33,7 @@ def keep_freed_memory() -> bool:
   if libc is None or not hasattr(libc, 'mallopt'):
     return False
   return all(libc.mallopt(param, value) == 1 for param, value in (
-      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
+      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))  # -1: never trim
 
 
 def release_free_host_memory() -> None:
