@@ -27,10 +27,12 @@ def keep_freed_memory() -> bool:
   """Makes glibc's malloc keep freed memory for reuse instead of unmapping it: one arena
   for all threads, no per-allocation mmap, no automatic trimming (the training loop
   trims once per epoch). Call before JAX starts its threads; returns False where glibc
-  is not the allocator. Only where memory is returned to the OS changes, not any result.
+  is not the allocator, or with DEEPDIGITS_KEEP_FREED_MEMORY=0 in the environment (for
+  A/B timing). Only where memory is returned to the OS changes, not any result.
   """
   libc = _libc()
-  if libc is None or not hasattr(libc, 'mallopt'):
+  if (libc is None or not hasattr(libc, 'mallopt')
+      or os.environ.get('DEEPDIGITS_KEEP_FREED_MEMORY', '1') == '0'):
     return False
   return all(libc.mallopt(param, value) == 1 for param, value in (
       (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))  # -1: never trim
@@ -39,9 +41,10 @@ def keep_freed_memory() -> bool:
 def release_free_host_memory() -> None:
   """Returns freed heap pages to the OS (glibc's malloc_trim), once per epoch.
 
-  Orbax's background save threads free their buffers into glibc's per-thread arenas,
-  which keep them: without this, resident memory crept up with every checkpoint save
-  (+39 MiB over 200 saves; with it, flat within 7 MiB after the first 60; see README).
+  glibc keeps freed memory (the more so after keep_freed_memory): without this,
+  resident memory crept up with every checkpoint save, whose buffers Orbax's background
+  threads free (+39 MiB over 200 saves; with it, flat within 7 MiB after the first 60;
+  see README). The next step maps what it needs in again, once.
   """
   libc = _libc()
   if libc is not None and hasattr(libc, 'malloc_trim'):

@@ -40,6 +40,11 @@ def test_a_freed_buffer_is_reused_without_faulting_its_pages_in_again():
   assert faults_of_a_reallocation('keep') < pages // 50
 
 
+def test_the_environment_can_turn_it_off_for_ab_timing(monkeypatch):
+  monkeypatch.setenv('DEEPDIGITS_KEEP_FREED_MEMORY', '0')
+  assert not host_memory.keep_freed_memory()
+
+
 def test_memory_figures():
   host_memory.release_free_host_memory()
   assert host_memory.host_memory_mib() > 10
