@@ -31,9 +31,10 @@ flags.DEFINE_integer('eval_batches', 10, 'Eval batches per timed window.')
 flags.mark_flags_as_required(['config'])
 
 
-def timed_windows(run_window, windows: int) -> list[float]:
+def timed_windows(run_window, windows: int, warm_up: bool = True) -> list[float]:
   """Seconds of each of `windows` calls of run_window, after one warm-up call."""
-  run_window()
+  if warm_up:
+    run_window()
   seconds = []
   for _ in range(windows):
     start = time.perf_counter()
@@ -90,9 +91,9 @@ def run_benchmark(config, steps: int, windows: int, eval_batches: int) -> dict:
       for batch in feed.epoch(order, 0):
         jax.block_until_ready(batch)
 
-  train_window()  # the first steps map the step's memory in; not counted below
+  train_window()  # warm-up, in which the first steps map the step's memory in
   faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  train_seconds = timed_windows(train_window, windows)
+  train_seconds = timed_windows(train_window, windows, warm_up=False)
   page_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
   input_seconds = timed_windows(input_window, windows)
 
@@ -120,7 +121,7 @@ def run_benchmark(config, steps: int, windows: int, eval_batches: int) -> dict:
       'input_ms_per_step': 1000 * statistics.median(input_seconds) / steps,
       # Pages the OS had to map in per train step: near 0 when freed memory is kept
       # (host_memory.keep_freed_memory), tens of thousands when it is not.
-      'host_page_faults_per_step': page_faults / ((windows + 1) * steps),
+      'host_page_faults_per_step': page_faults / (windows * steps),
       'eval_compile_seconds': eval_compile_seconds,
       'eval_images_per_second': statistics.median(eval_rate),
       'peak_host_memory_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
