@@ -1,7 +1,13 @@
-"""The benchmark times the trainer's steps and prints every figure it promises."""
+"""The benchmarks time the trainer's steps and its convolutions, and print every figure
+they promise."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 from conftest import tiny_config
-from deepdigits import benchmark
+from deepdigits import benchmark, conv_benchmark
+from deepdigits.model import CONV_IMPLS, Conv3x3
 
 
 def test_benchmark_runs_on_a_tiny_config_and_prints_its_fields(capsys, tiny_mnist_dir):
@@ -19,3 +25,37 @@ def test_benchmark_runs_on_a_tiny_config_and_prints_its_fields(capsys, tiny_mnis
   for line in ('train step:', 'page faults per train step', 'input pipeline (device feed) alone:', 'eval step:', 'peak host memory:',
                'dtype float32', '8 x cpu', 'RESULT framework=deepdigits-jax batch=16'):
     assert line in out, line
+
+
+def test_conv_benchmark_times_each_convolution_of_the_network_in_each_impl(
+    capsys, tiny_mnist_dir):
+  config = tiny_config(tiny_mnist_dir, batch_size=8)
+  result = conv_benchmark.run_conv_benchmark(config, calls=1, windows=1)
+  layers = result['layers']
+  assert [(r['layer'], r['input_shape'], r['features']) for r in layers] == [
+      ('conv1', (8, 28, 28, 1), 32), ('conv2', (8, 26, 26, 32), 64),
+      ('conv3', (8, 12, 12, 64), 128), ('conv4', (8, 10, 10, 128), 256)]
+  # Forward, kernel gradient and (past the first layer) input gradient: one GEMM each.
+  assert layers[0]['flops'] == 2 * (2 * 8 * 26 * 26 * 9 * 1 * 32)
+  assert layers[1]['flops'] == 3 * (2 * 8 * 24 * 24 * 9 * 32 * 64)
+  for r in layers:
+    assert set(r['seconds']) == set(CONV_IMPLS) and min(r['seconds'].values()) > 0
+    assert r['seconds'][r['fastest']] == min(r['seconds'].values())
+  out = capsys.readouterr().out
+  assert 'conv4' in out and 'per-layer best' in out and 'shifted_matmul' in out
+
+
+def test_conv_benchmark_times_the_same_gradients_in_each_impl():
+  rng = np.random.default_rng(0)
+  for layer in (conv_benchmark.ConvLayer('first', (2, 8, 8, 1), 4, input_gradient=False),
+                conv_benchmark.ConvLayer('later', (2, 8, 8, 3), 4, input_gradient=True)):
+    x = jnp.asarray(rng.random(layer.input_shape, np.float32))
+    cotangent = jnp.asarray(rng.standard_normal((2, 6, 6, 4), np.float32))
+    params = Conv3x3(4).init(jax.random.key(1), x)['params']
+    grads = [conv_benchmark.layer_gradient_fn(layer, impl, jnp.float32)(params, x, cotangent)
+             for impl in CONV_IMPLS]
+    # The first layer's gradient is the parameters' alone; later ones add the input's.
+    assert isinstance(grads[0], tuple) == layer.input_gradient
+    for other in grads[1:]:
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+                   grads[0], other)
