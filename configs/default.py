@@ -37,6 +37,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.augment_max_shift = 0.0
   config.augment_max_rotation = 0.0
   config.augment_max_zoom = 0.0
+  # Elastic distortion after the affine map (Simard et al. 2003), 0 = off: a uniform
+  # random displacement field smoothed by a Gaussian of `sigma` pixels, times `alpha`.
+  config.augment_elastic_alpha = 0.0
+  config.augment_elastic_sigma = 4.0
   # Cross-entropy against labels smoothed by this much (0 = one-hot, the original).
   config.label_smoothing = 0.0
 

@@ -46,11 +46,14 @@ class StepOptions(NamedTuple):
   max_rotation: float = 0.0
   max_zoom: float = 0.0
   ema_decay: float = 0.0
+  elastic_alpha: float = 0.0
+  elastic_sigma: float = 4.0
 
   @classmethod
   def from_config(cls, config) -> 'StepOptions':
     return cls(config.l2_weight, config.label_smoothing, config.augment_max_shift,
-               config.augment_max_rotation, config.augment_max_zoom, config.ema_decay)
+               config.augment_max_rotation, config.augment_max_zoom, config.ema_decay,
+               config.augment_elastic_alpha, config.augment_elastic_sigma)
 
 
 # ---------------------------------------------------------------- config
@@ -62,7 +65,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
               'max_to_keep')
   non_negative = ('num_epochs', 'validation_size', 'train_subset',
                   'bn_recalibration_batches', 'l2_weight', 'checkpoint_every_steps',
-                  'warmup_epochs', 'augment_max_shift', 'augment_max_rotation')
+                  'warmup_epochs', 'augment_max_shift', 'augment_max_rotation',
+                  'augment_elastic_alpha')
   for name in positive:
     if not config[name] > 0:
       raise ConfigError(f'--config.{name}={config[name]} must be > 0.')
@@ -72,6 +76,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   for name in ('label_smoothing', 'ema_decay', 'augment_max_zoom'):
     if not 0 <= config[name] < 1:
       raise ConfigError(f'--config.{name}={config[name]} must be in [0, 1).')
+  if config.augment_elastic_alpha and not config.augment_elastic_sigma > 0:
+    raise ConfigError(f'--config.augment_elastic_sigma={config.augment_elastic_sigma} '
+                      'must be > 0 when augment_elastic_alpha is set.')
   if config.warmup_epochs > config.num_epochs:
     raise ConfigError(f'--config.warmup_epochs={config.warmup_epochs} is more than '
                       f'num_epochs={config.num_epochs}.')
@@ -177,7 +184,8 @@ def train_step(model: nn.Module, options: StepOptions, state: TrainState, images
   dropout_rng = jax.random.fold_in(state.rng, state.step)
   augment_rng = jax.random.fold_in(jax.random.fold_in(state.rng, AUGMENT_STREAM), state.step)
   inputs = augment.augment_batch(augment_rng, scale_images(images), options.max_shift,
-                                 options.max_rotation, options.max_zoom)
+                                 options.max_rotation, options.max_zoom,
+                                 options.elastic_alpha, options.elastic_sigma)
   grad_fn = jax.grad(functools.partial(loss_fn, model, options.l2_weight,
                                        options.label_smoothing), has_aux=True)
   grads, (cross_entropy, l2, logits, batch_stats) = grad_fn(

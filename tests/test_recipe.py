@@ -46,6 +46,32 @@ def test_each_augmentation_alone_changes_images(images, kind):
                              rtol=0.35)
 
 
+def test_elastic_distortion_alone_changes_each_image_by_its_key(images):
+  moved = augment.augment_batch(jax.random.PRNGKey(0), images, elastic_alpha=34.0,
+                                elastic_sigma=4.0)
+  assert moved.shape == images.shape and moved.dtype == images.dtype
+  assert float(moved.min()) >= 0.0 and float(moved.max()) <= 1.0
+  assert float(jnp.abs(moved - images).mean()) > 0.01
+  changes = jnp.abs(moved - images).mean(axis=(1, 2, 3))
+  assert len(np.unique(np.asarray(changes))) > 16
+  np.testing.assert_array_equal(moved, augment.augment_batch(
+      jax.random.PRNGKey(0), images, elastic_alpha=34.0, elastic_sigma=4.0))
+  # A local warp that stretches and squeezes strokes, but makes or loses no digit.
+  ink_ratio = moved.sum(axis=(1, 2, 3)) / images.sum(axis=(1, 2, 3))
+  assert abs(float(ink_ratio.mean()) - 1) < 0.1 and float(jnp.abs(ink_ratio - 1).max()) < 0.5
+
+
+def test_elastic_distortion_keeps_the_affine_maps_of_runs_without_it(images):
+  """It draws from its own stream: a vanishing distortion leaves the affine result."""
+  key = jax.random.PRNGKey(3)
+  affine_only = augment.augment_batch(key, images, 2.0, 10.0, 0.1)
+  with_tiny_warp = augment.augment_batch(key, images, 2.0, 10.0, 0.1, elastic_alpha=1e-4)
+  # (The border row or column can fall just outside the frame and turn black.)
+  np.testing.assert_allclose(with_tiny_warp[:, 1:-1, 1:-1], affine_only[:, 1:-1, 1:-1],
+                             atol=1e-3)
+  assert float(jnp.abs(affine_only - images).mean()) > 0.01
+
+
 def test_whole_pixel_shift_moves_the_digit_exactly(images):
   """With a shift range that can only give (+1, -1) here, the pull map is exact."""
   matrix = augment.random_affine(jax.random.PRNGKey(0), 0.0, 0.0, 0.0, 28)
@@ -100,6 +126,8 @@ def test_ema_is_the_analytic_average_of_a_toy_sequence():
 def test_recipe_fields_are_checked():
   for overrides in ({'ema_decay': 1.0}, {'label_smoothing': -0.1}, {'augment_max_zoom': 1.5},
                     {'lr_schedule': 'linear'}, {'augment_max_shift': -1.0},
+                    {'augment_elastic_alpha': -1.0},
+                    {'augment_elastic_alpha': 34.0, 'augment_elastic_sigma': 0.0},
                     {'warmup_epochs': 5.0}):
     with pytest.raises(ConfigError):
       train.check_config(tiny_config('', **overrides))
@@ -107,7 +135,8 @@ def test_recipe_fields_are_checked():
 
 def test_a_run_with_the_whole_recipe_evaluates_the_averaged_weights(tiny_mnist_dir, tmp_path):
   config = tiny_config(tiny_mnist_dir, augment_max_shift=2.0, augment_max_rotation=10.0,
-                       augment_max_zoom=0.1, label_smoothing=0.1, lr_schedule='cosine',
+                       augment_max_zoom=0.1, augment_elastic_alpha=34.0,
+                       label_smoothing=0.1, lr_schedule='cosine',
                        warmup_epochs=0.5, ema_decay=0.99, num_epochs=2,
                        train_subset=256)
   record = train.train_and_evaluate(config, str(tmp_path))
