@@ -6,7 +6,8 @@ recalibrated BatchNorm statistics if its run recalibrated); the ensemble's predi
 the mean of the members' softmax probabilities. Members must be scored on the same test
 set, checked image by image. The members' and the ensemble's accuracy, errors and loss
 (the negative log-likelihood of the averaged probabilities) are printed and written to
-`ensemble.json` beside the first member (or `--out`).
+`ensemble.json` beside the first member (or `--out`); so are their scores on the
+validation slice when every member held out the same one.
 """
 
 import json
@@ -94,43 +95,75 @@ def default_output(workdirs: Sequence[str]) -> str:
   return os.path.join(os.path.dirname(os.path.normpath(workdirs[0])) or '.', ENSEMBLE_JSON)
 
 
+def _same_split(a, b) -> bool:
+  return np.array_equal(a.labels, b.labels) and np.array_equal(a.images, b.images)
+
+
 def evaluate_ensemble(workdirs: Sequence[str], checkpoint: str = 'latest',
                       say: Callable[[str], None] = print) -> dict:
-  """Every member's and the ensemble's scores on the members' (common) test set."""
-  test, member_logits, members = None, [], []
+  """Every member's and the ensemble's scores on the members' (common) test set, and on
+  their common validation slice if every member held out the same one: the figure to
+  choose members or recipes by, leaving the test set for the report."""
+  test = validation = None
+  test_logits, validation_logits, members = [], [], []
   for workdir in workdirs:
     trained = inference.load_trained(workdir, checkpoint=checkpoint)
-    member_test = load_datasets(trained.config)['test']
+    datasets = load_datasets(trained.config)
     if test is None:
-      test, first = member_test, workdir
-    elif not (np.array_equal(member_test.labels, test.labels) and
-              np.array_equal(member_test.images, test.images)):
+      test, validation, first = datasets['test'], datasets.get('validation'), workdir
+    elif not _same_split(datasets['test'], test):
       raise ConfigError(f'{workdir} is scored on another test set than {first} '
-                        f'({len(member_test):,} and {len(test):,} images, not the same); '
-                        'an ensemble needs one.')
+                        f'({len(datasets["test"]):,} and {len(test):,} images, not the '
+                        'same); an ensemble needs one.')
+    if validation is not None and not (
+        'validation' in datasets and _same_split(datasets['validation'], validation)):
+      say(f'ensemble: {workdir} did not hold out the same validation slice as the '
+          'members before it: no validation scores.')
+      validation = None
     say(f'ensemble: {workdir}: step {trained.step}, {len(test):,} test images')
-    member_logits.append(inference.predict_logits(trained, test.images))
+    test_logits.append(inference.predict_logits(trained, test.images))
+    if validation is not None:
+      validation_logits.append(inference.predict_logits(trained, validation.images))
     members.append({'workdir': workdir, 'step': trained.step})
     del trained
-  result = combine(member_logits, test.labels)
+  result = combine(test_logits, test.labels)
   for member, member_scores in zip(members, result['members']):
     member.update(member_scores)
-  return {'checkpoint': checkpoint, 'members': members, 'ensemble': result['ensemble']}
+  summary = {'checkpoint': checkpoint, 'members': members, 'ensemble': result['ensemble'],
+             'validation': None}
+  if validation is not None:
+    validation_result = combine(validation_logits, validation.labels)
+    for member, member_scores in zip(members, validation_result['members']):
+      member['validation'] = member_scores
+    summary['validation'] = validation_result['ensemble']
+  return summary
 
 
 def format_result(result: dict) -> str:
-  """The printed table: a line per member, then the ensemble's."""
+  """The printed table: a line per member, then the ensemble's (test, then validation
+  when the members share a validation slice)."""
   width = max(len(m['workdir']) for m in result['members'] + [{'workdir': 'ensemble'}])
-  line = lambda name, step, s: (f'{name:<{width}}  {step:>7}  {s["accuracy"]:.4f}  '
-                                f'{s["errors"]:>6,}  {s["loss"]:.4f}')
-  lines = [f'{"member":<{width}}  {"step":>7}  accuracy  errors  loss']
-  lines += [line(m['workdir'], m['step'], m) for m in result['members']]
+  with_validation = result.get('validation') is not None
+  scored = lambda s: f'{s["accuracy"]:.4f}  {s["errors"]:>6,}  {s["loss"]:.4f}'
+  def line(name, step, test_scores, validation_scores):
+    text = f'{name:<{width}}  {step:>7}  {scored(test_scores)}'
+    return text + (f'  {scored(validation_scores)}' if with_validation else '')
+  header = f'{"member":<{width}}  {"step":>7}  accuracy  errors  loss'
+  if with_validation:
+    header += '    val. acc  errors  loss'
+  lines = [header]
+  lines += [line(m['workdir'], m['step'], m, m.get('validation')) for m in result['members']]
   ensemble = result['ensemble']
-  lines.append(line('ensemble', '', ensemble))
+  lines.append(line('ensemble', '', ensemble, result.get('validation')))
   lines.append(f'ensemble of {len(result["members"])} ({result["checkpoint"]} '
                f'checkpoints, mean of softmax probabilities): accuracy '
                f'{ensemble["accuracy"]:.4f}, {ensemble["errors"]:,} errors of '
                f'{ensemble["examples"]:,}, loss {ensemble["loss"]:.4f}')
+  if with_validation:
+    validation = result['validation']
+    lines.append(f'on the validation slice: accuracy {validation["accuracy"]:.4f}, '
+                 f'{validation["errors"]:,} errors of {validation["examples"]:,}, loss '
+                 f'{validation["loss"]:.4f}')
   return '\n'.join(lines)
 
 

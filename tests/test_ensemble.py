@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO, tiny_config
 from deepdigits import ensemble, inference, rundir, train
-from deepdigits.data import read_idx_split
+from deepdigits.data import load_datasets, read_idx_split
 from deepdigits.errors import ConfigError
 from deepdigits.metrics_log import MetricsLog
 
@@ -105,6 +105,40 @@ def test_the_command_scores_members_and_their_mean(runs, tiny_mnist_dir):
       -np.mean(np.log(mean[np.arange(300), test.labels])), rel=1e-5)
   assert f'{saved["ensemble"]["accuracy"]:.4f}, {expected_errors:,} errors of 300' in (
       result.stdout)
+
+  # Both held out the same 128 training images: they are scored there too.
+  validation = load_datasets(inference.load_trained(saved['members'][0]['workdir']).config)[
+      'validation']
+  assert len(validation) == 128
+  probs = []
+  for member in saved['members']:
+    record = MetricsLog(member['workdir']).records()[-1]
+    assert member['validation']['accuracy'] == pytest.approx(
+        record['validation_accuracy_recalibrated'], abs=1e-9)
+    logits = inference.predict_logits(inference.load_trained(member['workdir']),
+                                      validation.images)
+    exp = np.exp(logits.astype(np.float64) - logits.max(-1, keepdims=True))
+    probs.append(exp / exp.sum(-1, keepdims=True))
+  expected_errors = int(np.sum(np.mean(probs, axis=0).argmax(-1) != validation.labels))
+  assert saved['validation']['errors'] == expected_errors
+  assert saved['validation']['examples'] == 128
+  assert f'on the validation slice: accuracy {(128 - expected_errors) / 128:.4f}' in (
+      result.stdout)
+
+
+def test_members_without_a_common_validation_slice_get_no_validation_scores(runs, tmp_path):
+  other = tmp_path / 'other'
+  shutil.copytree(runs / 'seed=1' / 'checkpoints', other / 'checkpoints')
+  config = rundir.read_config(str(runs / 'seed=1'))
+  config.validation_size = 64  # another slice: the last 64 training images
+  rundir.write_config(str(other), config)
+  said = []
+  result = ensemble.evaluate_ensemble([str(runs / 'seed=0'), str(other)], say=said.append)
+  assert result['validation'] is None
+  assert 'validation' not in result['members'][0]
+  assert any('did not hold out the same validation slice' in line for line in said)
+  assert result['ensemble']['examples'] == 300
+  assert 'val. acc' not in ensemble.format_result(result)
 
 
 def test_the_command_stops_on_a_folder_without_runs(tmp_path):
