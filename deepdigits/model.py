@@ -12,9 +12,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from deepdigits import onednn_conv
+
 # Kernels that carry the original's `kernel_regularizer=l2(0.001)`.
 L2_REGULARIZED_KERNELS = ('conv4', 'dense1', 'dense2')
-CONV_IMPLS = ('native', 'shifted_matmul')
+CONV_IMPLS = ('native', 'shifted_matmul', 'onednn')
 POOL_IMPLS = ('native', 'strided_views')
 
 
@@ -97,6 +99,10 @@ class Conv3x3(nn.Module):
           dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     elif self.impl == 'shifted_matmul':
       y = conv3x3_shifted_matmul(x, kernel)
+    elif self.impl == 'onednn':
+      if x.dtype != jnp.float32:
+        raise ValueError(f"conv_impl='onednn' computes in float32, not {x.dtype}")
+      y = onednn_conv.conv3x3(x, kernel)
     else:
       raise ValueError(f'conv_impl must be one of {CONV_IMPLS}, got {self.impl!r}')
     return y + bias
@@ -108,7 +114,8 @@ class DeepDigitsCNN(nn.Module):
   Attributes:
     num_classes: size of the output layer.
     dtype: computation dtype of activations and matmuls; parameters stay float32.
-    conv_impl: 'native' (lax convolution, best on TPU/GPU) or 'shifted_matmul'.
+    conv_impl: 'native' (lax convolution, best on TPU/GPU), 'shifted_matmul' (one GEMM
+      over nine shifted views) or 'onednn' (oneDNN's convolutions, CPU float32 only).
     pool_impl: 'native' (nn.max_pool) or 'strided_views' (faster gradient on CPU).
     bn_momentum: BatchNorm running-average momentum (Keras default 0.99).
     bn_epsilon: BatchNorm epsilon (Keras default 1e-3).

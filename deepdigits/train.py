@@ -16,7 +16,8 @@ import ml_collections
 import optax
 from flax.training import train_state
 
-from deepdigits import augment, checkpointing, host_memory, input_pipeline, rundir, sharding
+from deepdigits import (augment, checkpointing, host_memory, input_pipeline, onednn_conv,
+                        rundir, sharding)
 from deepdigits.data import IMAGE_SHAPE, Split, load_datasets, scale_images
 from deepdigits.errors import ConfigError, NonFiniteError
 from deepdigits.evaluate import BatchNormRecalibrator, Evaluator
@@ -90,6 +91,21 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                         ('lr_schedule', LR_SCHEDULES)):
     if config[name] not in choices:
       raise ConfigError(f'--config.{name}={config[name]!r}: use one of {choices}.')
+  if config.conv_impl == 'onednn':
+    if config.dtype != 'float32':
+      raise ConfigError(f"--config.conv_impl='onednn' computes in float32, not "
+                        f"{config.dtype}: use conv_impl='auto' or 'shifted_matmul'.")
+    if jax.default_backend() != 'cpu':
+      raise ConfigError(f"--config.conv_impl='onednn' runs on the CPU only, not "
+                        f"{jax.default_backend()}: use conv_impl='auto' or 'native'.")
+    if jax.local_device_count() > 1:
+      raise ConfigError(f"--config.conv_impl='onednn' needs one CPU device per process, "
+                        f'not {jax.local_device_count()} (oneDNN called from several XLA '
+                        "devices at once deadlocks): use conv_impl='auto' or "
+                        "'shifted_matmul'.")
+    if not onednn_conv.is_available():
+      raise ConfigError(f"--config.conv_impl='onednn' is not available: "
+                        f"{onednn_conv.unavailable_reason()}. Or use conv_impl='auto'.")
 
 
 def resolve_impl(impl: str, cpu_choice: str, differentiated: bool) -> str:
@@ -101,6 +117,14 @@ def resolve_impl(impl: str, cpu_choice: str, differentiated: bool) -> str:
   return cpu_choice if differentiated and jax.default_backend() == 'cpu' else 'native'
 
 
+def cpu_conv_choice(dtype: str) -> str:
+  """oneDNN's convolutions where they run (float32, one CPU device per process, built
+  and installed), else the shifted-view matmuls."""
+  if dtype == 'float32' and jax.local_device_count() == 1 and onednn_conv.is_available():
+    return 'onednn'
+  return 'shifted_matmul'
+
+
 # ---------------------------------------------------------------- model and state
 
 
@@ -109,7 +133,7 @@ def make_model(config, differentiated: bool = True) -> DeepDigitsCNN:
   same function with the same parameters."""
   return DeepDigitsCNN(
       dtype=DTYPES[config.dtype],
-      conv_impl=resolve_impl(config.conv_impl, 'shifted_matmul', differentiated),
+      conv_impl=resolve_impl(config.conv_impl, cpu_conv_choice(config.dtype), differentiated),
       pool_impl=resolve_impl(config.pool_impl, 'strided_views', differentiated))
 
 

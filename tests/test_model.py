@@ -7,6 +7,7 @@ import pytest
 
 import flax.linen as nn
 
+from deepdigits import onednn_conv
 from deepdigits.model import (L2_REGULARIZED_KERNELS, DeepDigitsCNN, conv3x3_shifted_matmul,
                               l2_penalty, max_pool_2x2_strided)
 
@@ -66,6 +67,28 @@ def test_shifted_matmul_conv_equals_lax_conv(cin, cout, size):
                              rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('cin,cout,size', [(1, 32, 28), (32, 64, 26), (128, 256, 10)])
+def test_onednn_conv_gives_lax_convs_outputs_and_gradients(cin, cout, size):
+  if not onednn_conv.is_available():
+    pytest.fail(f'the oneDNN convolutions are not built: {onednn_conv.unavailable_reason()}')
+  kx, kk, kg = jax.random.split(jax.random.PRNGKey(cin), 3)
+  x = jax.random.normal(kx, (3, size, size, cin))
+  kernel = jax.random.normal(kk, (3, 3, cin, cout)) / np.sqrt(9 * cin)
+  cotangent = jax.random.normal(kg, (3, size - 2, size - 2, cout))
+  native = lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  outputs, grads = [], []
+  for conv in (native, jax.jit(onednn_conv.conv3x3)):
+    y, vjp = jax.vjp(conv, x, kernel)
+    outputs.append(y)
+    grads.append(vjp(cotangent))
+  np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-4, atol=1e-4)
+  for g_onednn, g_native in zip(grads[1], grads[0]):
+    scale = float(jnp.abs(g_native).max())
+    np.testing.assert_allclose(g_onednn / scale, g_native / scale, atol=1e-5)
+  assert 'avx' in onednn_conv.implementations(3, size, size, cin, cout)  # not a ref kernel
+
+
 def test_strided_max_pool_equals_nn_max_pool_with_ties():
   # Few distinct values, so many windows hold ties: the gradient must go to the same
   # (first) maximum as XLA's select-and-scatter picks.
@@ -92,11 +115,12 @@ def test_conv_impls_give_the_same_network_outputs_and_gradients(variables):
     return jax.jit(jax.value_and_grad(loss))(variables['params'])
 
   (loss_native, grads_native) = loss_and_grads('native', 'native')
-  (loss_shifted, grads_shifted) = loss_and_grads('shifted_matmul', 'strided_views')
-  np.testing.assert_allclose(loss_native, loss_shifted, rtol=1e-5)
-  for g_native, g_shifted in zip(jax.tree.leaves(grads_native), jax.tree.leaves(grads_shifted)):
-    scale = np.abs(g_native).max() + 1e-12
-    np.testing.assert_allclose(g_shifted / scale, g_native / scale, atol=1e-4)
+  for conv_impl in ('shifted_matmul', 'onednn'):
+    (loss_other, grads_other) = loss_and_grads(conv_impl, 'strided_views')
+    np.testing.assert_allclose(loss_native, loss_other, rtol=1e-5)
+    for g_native, g_other in zip(jax.tree.leaves(grads_native), jax.tree.leaves(grads_other)):
+      scale = np.abs(g_native).max() + 1e-12
+      np.testing.assert_allclose(g_other / scale, g_native / scale, atol=1e-4)
 
 
 def test_bfloat16_compute_gives_a_loss_close_to_float32(variables, mnist):

@@ -1,13 +1,16 @@
 """The train step, data parallelism, evaluation and BatchNorm recalibration."""
 
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from conftest import tiny_config
+from conftest import REPO, tiny_config
 from deepdigits import input_pipeline, sharding, train
 from deepdigits.data import Split, scale_images
 from deepdigits.errors import ConfigError
@@ -136,6 +139,32 @@ def test_bad_config_values_fail_with_clear_errors():
                                 ('conv_impl', 'fft', "conv_impl='fft': use one of")):
     with pytest.raises(ConfigError, match=message):
       train.check_config(tiny_config('', **{field: value}))
+
+
+def test_onednn_convs_are_refused_where_they_cannot_run_and_auto_avoids_them():
+  with pytest.raises(ConfigError, match="conv_impl='onednn' computes in float32, not "
+                                        'bfloat16'):
+    train.check_config(tiny_config('', conv_impl='onednn', dtype='bfloat16'))
+  # The tests' 8 CPU devices in one process: oneDNN would deadlock there.
+  with pytest.raises(ConfigError, match="conv_impl='onednn' needs one CPU device per "
+                                        'process, not 8'):
+    train.check_config(tiny_config('', conv_impl='onednn'))
+  assert train.make_model(tiny_config('')).conv_impl == 'shifted_matmul'
+  assert train.make_model(tiny_config(''), differentiated=False).conv_impl == 'native'
+
+
+def test_auto_trains_with_onednn_convs_on_one_cpu_device():
+  """On the machine as it is (one CPU device), `auto` picks the built oneDNN kernels."""
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  script = ('import jax; from configs import default; from deepdigits import train; '
+            'fp32 = default.get_config(); bf16 = default.get_config(); '
+            "bf16.dtype = 'bfloat16'; "
+            'print(jax.local_device_count(), train.make_model(fp32).conv_impl, '
+            'train.make_model(bf16).conv_impl)')
+  result = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.split() == ['1', 'onednn', 'shifted_matmul']
 
 
 def test_batch_size_must_divide_by_the_device_count(tiny_mnist_dir, tmp_path):
