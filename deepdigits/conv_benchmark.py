@@ -67,13 +67,15 @@ def conv_layers(config) -> list[ConvLayer]:
 
 
 def layer_gradient_fn(layer: ConvLayer, impl: str, dtype):
-  """jitted (params, x, output cotangent) -> the gradients the train step takes."""
+  """jitted (params, x, output cotangent) -> (a sum of the output, the gradients the train
+  step takes). The sum keeps the forward pass in the timing: a convolution is linear, so
+  its gradients alone do not need its output, and XLA would drop the forward."""
   module = Conv3x3(layer.features, impl=impl, dtype=dtype)
 
   def pullback(params, x, cotangent):
     return jnp.sum(module.apply({'params': params}, x).astype(jnp.float32) * cotangent)
 
-  return jax.jit(jax.grad(pullback, argnums=(0, 1) if layer.input_gradient else 0))
+  return jax.jit(jax.value_and_grad(pullback, argnums=(0, 1) if layer.input_gradient else 0))
 
 
 def time_layer(layer: ConvLayer, impls, dtype, calls: int, windows: int) -> dict:

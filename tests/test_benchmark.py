@@ -52,8 +52,16 @@ def test_conv_benchmark_times_the_same_gradients_in_each_impl():
     x = jnp.asarray(rng.random(layer.input_shape, np.float32))
     cotangent = jnp.asarray(rng.standard_normal((2, 6, 6, 4), np.float32))
     params = Conv3x3(4).init(jax.random.key(1), x)['params']
-    grads = [conv_benchmark.layer_gradient_fn(layer, impl, jnp.float32)(params, x, cotangent)
-             for impl in CONV_IMPLS]
+    values_and_grads = [
+        conv_benchmark.layer_gradient_fn(layer, impl, jnp.float32)(params, x, cotangent)
+        for impl in CONV_IMPLS]
+    values = [float(v) for v, _ in values_and_grads]
+    np.testing.assert_allclose(values, values[0], rtol=1e-5)
+    grads = [g for _, g in values_and_grads]
+    # The forward pass is timed too, not dropped by XLA as the gradients do not need it.
+    compiled = conv_benchmark.layer_gradient_fn(layer, 'onednn', jnp.float32).lower(
+        params, x, cotangent).compile().as_text()
+    assert 'deepdigits_conv_Forward' in compiled
     # The first layer's gradient is the parameters' alone; later ones add the input's.
     assert isinstance(grads[0], tuple) == layer.input_gradient
     for other in grads[1:]:
