@@ -23,7 +23,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Activation and matmul dtype: 'float32' or 'bfloat16' (parameters stay float32).
   config.dtype = 'float32'
   # Convolution algorithm: 'native' (lax.conv), 'shifted_matmul' (one GEMM over the
-  # nine shifted views, faster on CPU), or 'auto' (shifted_matmul on CPU, else native).
+  # nine shifted views, faster on CPU), 'onednn' (oneDNN's convolutions through XLA FFI:
+  # CPU, float32, one device per process), or 'auto': in the train step on CPU onednn
+  # where it runs, else shifted_matmul; native for evaluation and on TPU/GPU.
   config.conv_impl = 'auto'
   # Max-pool algorithm: 'native' (nn.max_pool), 'strided_views' (elementwise over four
   # strided views, same gradients, faster on CPU), or 'auto' (strided_views on CPU).
