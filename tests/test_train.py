@@ -153,6 +153,17 @@ def test_onednn_convs_are_refused_where_they_cannot_run_and_auto_avoids_them():
   assert train.make_model(tiny_config(''), differentiated=False).conv_impl == 'native'
 
 
+def test_without_the_built_onednn_convs_auto_falls_back_and_onednn_says_why(monkeypatch):
+  monkeypatch.setattr(jax, 'local_device_count', lambda: 1)
+  monkeypatch.setattr(train.onednn_conv, 'is_available', lambda: False)
+  monkeypatch.setattr(train.onednn_conv, 'unavailable_reason',
+                      lambda: 'deepdigits/onednn_conv.cc was not built')
+  assert train.make_model(tiny_config('')).conv_impl == 'shifted_matmul'
+  with pytest.raises(ConfigError, match="conv_impl='onednn' is not available: "
+                                        'deepdigits/onednn_conv.cc was not built'):
+    train.check_config(tiny_config('', conv_impl='onednn'))
+
+
 def test_auto_trains_with_onednn_convs_on_one_cpu_device():
   """On the machine as it is (one CPU device), `auto` picks the built oneDNN kernels."""
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
