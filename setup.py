@@ -2,22 +2,13 @@
 headers are installed in the build environment (Linux x86-64, see pyproject.toml). The
 extension is optional: without it `conv_impl='auto'` uses the shifted-view matmuls."""
 
-import importlib.metadata
 import os
+import sys
 
 from setuptools import Extension, setup
 
-
-def installed_file(distribution: str, suffix: str):
-  """The absolute path of a file a pip distribution installed, or None."""
-  try:
-    files = importlib.metadata.distribution(distribution).files or []
-  except importlib.metadata.PackageNotFoundError:
-    return None
-  for path in files:
-    if str(path).replace(os.sep, '/').endswith(suffix):
-      return os.path.abspath(str(path.locate()))
-  return None
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from deepdigits.onednn_conv import installed_file  # pylint: disable=g-import-not-at-top
 
 
 def onednn_extensions():
@@ -25,7 +16,7 @@ def onednn_extensions():
   library = installed_file('onednn-cpu-gomp', '/libdnnl.so')
   if not (header and library):
     return []
-  import jax.ffi  # pylint: disable=g-import-not-at-top
+  import jax.ffi  # pylint: disable=g-import-not-at-top (jax is a build requirement)
   return [Extension(
       'deepdigits._onednn_conv', ['deepdigits/onednn_conv.cc'],
       include_dirs=[jax.ffi.include_dir(), os.path.dirname(os.path.dirname(os.path.dirname(header)))],

@@ -22,7 +22,9 @@ import jax.numpy as jnp
 _TARGETS = ('Forward', 'InputGrad', 'KernelGrad')
 
 
-def _installed_file(distribution: str, suffix: str) -> Optional[str]:
+def installed_file(distribution: str, suffix: str) -> Optional[str]:
+  """The absolute path of a file that a pip distribution installed, or None (also used
+  by setup.py to find oneDNN's headers and library)."""
   try:
     files = importlib.metadata.distribution(distribution).files or []
   except importlib.metadata.PackageNotFoundError:
@@ -36,7 +38,7 @@ def _installed_file(distribution: str, suffix: str) -> Optional[str]:
 @functools.cache
 def _load() -> tuple[Optional[ctypes.CDLL], str]:
   """(the loaded handlers, '') or (None, why they are not available)."""
-  library = _installed_file('onednn-cpu-gomp', '/libdnnl.so.3')
+  library = installed_file('onednn-cpu-gomp', '/libdnnl.so.3')
   if library is None:
     return None, ('the onednn-cpu-gomp package is not installed (it is installed with '
                   "deepdigits on Linux x86-64: pip install -e '.[dev]')")

@@ -7,7 +7,7 @@ restore, compile, then the epoch loop (train, evaluate, log, checkpoint).
 import collections
 import functools
 import time
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -91,22 +91,23 @@ def check_config(config: ml_collections.ConfigDict) -> None:
                         ('lr_schedule', LR_SCHEDULES)):
     if config[name] not in choices:
       raise ConfigError(f'--config.{name}={config[name]!r}: use one of {choices}.')
-  if config.conv_impl == 'onednn':
-    if config.dtype != 'float32':
-      raise ConfigError(f"--config.conv_impl='onednn' computes in float32, not "
-                        f"{config.dtype}: use conv_impl='auto' or 'shifted_matmul'.")
-    if jax.default_backend() != 'cpu':
-      raise ConfigError(f"--config.conv_impl='onednn' runs on the CPU only, not "
-                        f"{jax.default_backend()}: use conv_impl='auto' or 'native'.")
-    if jax.local_device_count() > 1:
-      raise ConfigError(f"--config.conv_impl='onednn' needs one CPU device per process, "
-                        f'not {jax.local_device_count()} (oneDNN called from several XLA '
-                        "devices at once deadlocks): use conv_impl='auto' or "
-                        "'shifted_matmul'.")
-    if not onednn_conv.is_available():
-      raise ConfigError(f"--config.conv_impl='onednn' is not available: "
-                        f"{onednn_conv.unavailable_reason()}. Or use conv_impl='auto'.")
+  if config.conv_impl == 'onednn' and (problem := onednn_problem(config.dtype)):
+    raise ConfigError(f"--config.conv_impl='onednn' {problem}.")
 
+
+def onednn_problem(dtype: str) -> Optional[str]:
+  """Why oneDNN's convolutions cannot run in this process with this dtype, or None."""
+  if dtype != 'float32':
+    return f"computes in float32, not {dtype}: use conv_impl='auto' or 'shifted_matmul'"
+  if jax.default_backend() != 'cpu':
+    return f"runs on the CPU only, not {jax.default_backend()}: use conv_impl='auto' or 'native'"
+  if jax.local_device_count() > 1:
+    return (f'needs one CPU device per process, not {jax.local_device_count()} (oneDNN '
+            "called from several XLA devices at once deadlocks): use conv_impl='auto' or "
+            "'shifted_matmul'")
+  if not onednn_conv.is_available():
+    return f"is not available: {onednn_conv.unavailable_reason()}. Or use conv_impl='auto'"
+  return None
 
 def resolve_impl(impl: str, cpu_choice: str, differentiated: bool) -> str:
   """'auto' is XLA's own op, except in the differentiated (training) pass on CPU, where
@@ -118,11 +119,8 @@ def resolve_impl(impl: str, cpu_choice: str, differentiated: bool) -> str:
 
 
 def cpu_conv_choice(dtype: str) -> str:
-  """oneDNN's convolutions where they run (float32, one CPU device per process, built
-  and installed), else the shifted-view matmuls."""
-  if dtype == 'float32' and jax.local_device_count() == 1 and onednn_conv.is_available():
-    return 'onednn'
-  return 'shifted_matmul'
+  """oneDNN's convolutions where they run, else the shifted-view matmuls."""
+  return 'shifted_matmul' if onednn_problem(dtype) else 'onednn'
 
 
 # ---------------------------------------------------------------- model and state
