@@ -14,6 +14,7 @@ from typing import Optional
 import jax.numpy as jnp
 import numpy as np
 
+from deepdigits import preprocess
 from deepdigits.errors import DataError
 
 IMAGE_SHAPE = (28, 28, 1)
@@ -149,7 +150,8 @@ def load_datasets(config) -> dict[str, Split]:
   """The run's splits: 'train', 'test' and, if config.validation_size > 0, 'validation'.
 
   The validation slice is the last `validation_size` images of the official training
-  set, never trained on; `train_subset` (> 0) then keeps the first N of the rest.
+  set, never trained on; `train_subset` (> 0) then keeps the first N of the rest. With
+  `width_normalization` every split's digits are rescaled to that width.
   """
   if config.data_dir:
     read = lambda split: read_idx_split(config.data_dir, split)
@@ -168,5 +170,13 @@ def load_datasets(config) -> dict[str, Split]:
   if config.train_subset:
     splits['train'] = Split(splits['train'].images[:config.train_subset],
                             splits['train'].labels[:config.train_subset])
-  return splits
+  return {name: Split(as_network_input(split.images, config), split.labels)
+          for name, split in splits.items()}
+
+
+def as_network_input(images: np.ndarray, config) -> np.ndarray:
+  """MNIST images as the run's network sees them: widths normalised if the config says
+  so (`get`: configs recorded before the field existed have it off)."""
+  width = config.get('width_normalization', 0)
+  return preprocess.normalize_width(images, width) if width else images
 

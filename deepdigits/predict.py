@@ -93,8 +93,10 @@ def predict_files(workdir: str, paths: Sequence[str],
       failed += 1
   if images:
     from deepdigits import inference  # pylint: disable=g-import-not-at-top
+    from deepdigits.data import as_network_input  # pylint: disable=g-import-not-at-top
     trained = inference.load_trained(workdir)
-    logits = inference.predict_logits(trained, np.stack(images),
+    logits = inference.predict_logits(trained, as_network_input(np.stack(images),
+                                                                trained.config),
                                       batch_size=min(len(images),
                                                      trained.config.eval_batch_size))
     for path, probabilities in zip(good_paths, softmax(logits.astype(np.float64))):

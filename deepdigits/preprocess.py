@@ -1,4 +1,5 @@
-"""A photo or drawing of one digit turned into an MNIST image, the way MNIST was made.
+"""A photo or drawing of one digit turned into an MNIST image, the way MNIST was made;
+and MNIST images with their digits' widths normalised, as Ciresan et al. (2012) did.
 
 LeCun's recipe: the digit is size-normalised to fit a 20x20 box keeping its aspect
 ratio (anti-aliased, hence the grey levels), then placed in a 28x28 field so that its
@@ -6,6 +7,10 @@ centre of mass lands at the centre (pixel (14, 14), where MNIST's own digits hav
 Before that, a real image needs what MNIST's scans never did: grey levels, a light
 background inverted to MNIST's black, and the background level subtracted so that paper
 grey becomes 0. Pure functions of arrays; reading files is `deepdigits.predict`'s job.
+
+Width normalisation (`normalize_width`) gives networks of a committee different views of
+the same digits: each network sees every digit, in training and at test time, stretched
+or squeezed horizontally to one width, so their errors differ more than seeds' do.
 """
 
 import numpy as np
@@ -94,3 +99,33 @@ def as_given(gray: np.ndarray) -> np.ndarray:
     raise ValueError(f'as_given needs a 28x28 image, not {gray.shape}')
   ink(gray)  # a blank image is an error here too
   return np.round(light_on_dark(gray)).astype(np.uint8)
+
+
+def normalize_width(images: np.ndarray, width: int) -> np.ndarray:
+  """uint8 images [N, H, W, 1] with each digit rescaled horizontally (height kept) so
+  that its ink's bounding box is `width` pixels wide, about its centre of mass's column,
+  which so stays where it was; bilinear, black outside. Blank images pass unchanged."""
+  if not 1 <= width <= images.shape[2]:
+    raise ValueError(f'width={width} must be in 1..{images.shape[2]}')
+  gray = images[..., 0].astype(np.float32)  # [N, H, W]
+  columns = np.arange(gray.shape[2], dtype=np.float32)
+  has_ink = gray.max(1) > INK_THRESHOLD * 255  # [N, W]: columns of the bounding box
+  blank = ~has_ink.any(1)
+  first = np.argmax(has_ink, 1)
+  last = gray.shape[2] - 1 - np.argmax(has_ink[:, ::-1], 1)
+  scale = np.where(blank, 1.0, width / (last - first + 1))  # output per input pixel
+  profile = gray.sum(1)  # [N, W]
+  mass = np.maximum(profile.sum(1), 1e-6)
+  centre = (profile * columns).sum(1) / mass  # [N]
+  source = centre[:, None] + (columns[None] - centre[:, None]) / scale[:, None]  # [N, W]
+  left = np.floor(source).astype(np.int64)
+  frac = (source - left)[:, None, :]  # [N, 1, W]
+
+  def column(index):  # gray[n, :, index[n, x]], black outside the image
+    inside = ((index >= 0) & (index < gray.shape[2]))[:, None, :]
+    clipped = np.clip(index, 0, gray.shape[2] - 1)[:, None, :]
+    return np.where(inside, np.take_along_axis(gray, clipped, 2), 0.0)
+
+  stretched = column(left) * (1 - frac) + column(left + 1) * frac
+  stretched = np.where(blank[:, None, None], gray, stretched)
+  return np.clip(np.round(stretched), 0, 255).astype(np.uint8)[..., None]

@@ -80,6 +80,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if config.augment_elastic_alpha and not config.augment_elastic_sigma > 0:
     raise ConfigError(f'--config.augment_elastic_sigma={config.augment_elastic_sigma} '
                       'must be > 0 when augment_elastic_alpha is set.')
+  if not 0 <= config.width_normalization <= IMAGE_SHAPE[1]:
+    raise ConfigError(f'--config.width_normalization={config.width_normalization} must '
+                      f'be 0 (off) or a width in pixels, 1..{IMAGE_SHAPE[1]}.')
   if config.warmup_epochs > config.num_epochs:
     raise ConfigError(f'--config.warmup_epochs={config.warmup_epochs} is more than '
                       f'num_epochs={config.num_epochs}.')

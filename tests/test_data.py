@@ -9,7 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from conftest import tiny_config, write_idx
-from deepdigits import data
+from deepdigits import data, preprocess
 from deepdigits.errors import DataError
 
 
@@ -170,3 +170,53 @@ def test_validation_size_too_large(tiny_mnist_dir):
   with pytest.raises(DataError, match='leaves no training images'):
     data.load_datasets(tiny_config(tiny_mnist_dir, validation_size=512))
 
+
+
+def ink_columns(images: np.ndarray) -> np.ndarray:
+  """Per image, the columns with a pixel above the bounding box's threshold [N, W]."""
+  return images[..., 0].max(1) > preprocess.INK_THRESHOLD * 255
+
+
+@pytest.mark.parametrize('width', [10, 14, 20])
+def test_width_normalisation_gives_every_digit_that_width(mnist, width):
+  images = mnist['test'].images[:2000]
+  normalised = preprocess.normalize_width(images, width)
+  assert normalised.shape == images.shape and normalised.dtype == np.uint8
+  columns = ink_columns(normalised)
+  widths = columns.shape[1] - np.argmax(columns[:, ::-1], 1) - np.argmax(columns, 1)
+  # Bilinear edges: within a pixel mostly, two for thin digits stretched much wider.
+  assert np.mean(np.abs(widths - width) <= 1) > 0.9
+  assert np.mean(np.abs(widths - width) <= 2) > 0.98
+  # Heights and rows are untouched: the same rows hold ink as before.
+  rows = lambda x: x[..., 0].max(2) > preprocess.INK_THRESHOLD * 255
+  assert np.mean(np.all(rows(normalised) == rows(images), 1)) > 0.97
+  # The centre of mass keeps its column (MNIST's own centring).
+  def centre(x):
+    profile = x[..., 0].astype(np.float64).sum(1)
+    return (profile * np.arange(28)).sum(1) / profile.sum(1)
+  assert np.abs(centre(normalised) - centre(images)).max() < 0.6
+
+
+def test_width_normalisation_of_a_bar_and_of_blank_images():
+  bar = np.zeros((2, 28, 28, 1), np.uint8)
+  bar[0, 4:24, 12:16] = 255  # 4 columns wide, centre of mass at column 13.5
+  stretched = preprocess.normalize_width(bar, 8)
+  np.testing.assert_array_equal(np.flatnonzero(stretched[0, 10, :, 0] > 128),
+                                np.arange(10, 18))
+  np.testing.assert_array_equal(stretched[0, :4], 0)  # no ink appears in other rows
+  np.testing.assert_array_equal(stretched[1], bar[1])  # blank stays blank
+  with pytest.raises(ValueError, match='width=29'):
+    preprocess.normalize_width(bar, 29)
+
+
+def test_width_normalisation_applies_to_every_split(tiny_mnist_dir, mnist):
+  plain = data.load_datasets(tiny_config(tiny_mnist_dir, validation_size=100))
+  config = tiny_config(tiny_mnist_dir, validation_size=100, width_normalization=12)
+  normalised = data.load_datasets(config)
+  for name in ('train', 'validation', 'test'):
+    np.testing.assert_array_equal(normalised[name].images,
+                                  preprocess.normalize_width(plain[name].images, 12))
+    np.testing.assert_array_equal(normalised[name].labels, plain[name].labels)
+  # A config recorded before the field existed reads as off.
+  del config['width_normalization']
+  assert data.as_network_input(plain['test'].images, config) is plain['test'].images

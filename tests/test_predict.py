@@ -1,7 +1,9 @@
 """Prediction on image files: MNIST digits pass through, real-looking digits are made
 MNIST-like, and bad files are reported one line each while the others are predicted."""
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -148,3 +150,26 @@ def test_bad_files_are_reported_and_the_others_predicted(mnist, tiny_trained_wor
     assert line.startswith(f'deepdigits: error: {tmp_path / name}: {message}'), line
   (line,) = result.stdout.splitlines()
   assert line.startswith(f'{good}: ') and line.count(' p=') == 3, line
+
+
+def test_a_run_with_normalised_widths_predicts_normalised_images(mnist, tiny_trained_workdir,
+                                                                 tmp_path, capsys):
+  # The tiny run's checkpoint, recorded as if it had trained on 14-pixel-wide digits.
+  workdir = tmp_path / 'run'
+  shutil.copytree(tiny_trained_workdir, workdir)
+  recorded = json.loads((workdir / 'config.json').read_text())
+  recorded['width_normalization'] = 14
+  (workdir / 'config.json').write_text(json.dumps(recorded))
+  images = mnist['test'].images[:5]
+  paths = []
+  for i, image in enumerate(images):
+    paths.append(str(tmp_path / f'{i}.png'))
+    Image.fromarray(image[..., 0]).save(paths[-1])
+  assert predict.predict_files(str(workdir), paths) == 0
+  trained = inference.load_trained(str(workdir))
+  expected = inference.predict_logits(trained, preprocess.normalize_width(images, 14))
+  plain = inference.predict_logits(trained, images)
+  assert not np.allclose(expected, plain)  # the normalisation matters to the network
+  assert capsys.readouterr().out.splitlines() == [
+      predict.format_prediction(p, q)
+      for p, q in zip(paths, predict.softmax(expected.astype(np.float64)))]

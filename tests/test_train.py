@@ -136,7 +136,9 @@ def test_bad_config_values_fail_with_clear_errors():
   for field, value, message in (('num_epochs', -1, 'num_epochs=-1 must be >= 0'),
                                 ('batch_size', 0, 'batch_size=0 must be > 0'),
                                 ('dtype', 'float16', "dtype='float16': use one of"),
-                                ('conv_impl', 'fft', "conv_impl='fft': use one of")):
+                                ('conv_impl', 'fft', "conv_impl='fft': use one of"),
+                                ('width_normalization', 29,
+                                 'width_normalization=29 must be 0 .off. or a width')):
     with pytest.raises(ConfigError, match=message):
       train.check_config(tiny_config('', **{field: value}))
 
