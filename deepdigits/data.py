@@ -146,12 +146,13 @@ def read_tfds_split(split: str, tfds_data_dir: Optional[str]) -> Split:
 # ---------------------------------------------------------------- splits for a run
 
 
-def load_datasets(config) -> dict[str, Split]:
+def load_datasets(config, as_input: bool = True) -> dict[str, Split]:
   """The run's splits: 'train', 'test' and, if config.validation_size > 0, 'validation'.
 
   The validation slice is the last `validation_size` images of the official training
   set, never trained on; `train_subset` (> 0) then keeps the first N of the rest. With
-  `width_normalization` every split's digits are rescaled to that width.
+  `width_normalization` every split's digits are rescaled to that width, unless
+  `as_input=False` (the images as stored: to compare the splits of runs).
   """
   if config.data_dir:
     read = lambda split: read_idx_split(config.data_dir, split)
@@ -170,6 +171,8 @@ def load_datasets(config) -> dict[str, Split]:
   if config.train_subset:
     splits['train'] = Split(splits['train'].images[:config.train_subset],
                             splits['train'].labels[:config.train_subset])
+  if not as_input:
+    return splits
   return {name: Split(as_network_input(split.images, config), split.labels)
           for name, split in splits.items()}
 

@@ -2,9 +2,10 @@
 (or the folder of `deepdigits.seeds`, which stands for its seeds' workdirs).
 
 Each member predicts every test image with its own config (`inference.load_trained`:
-recalibrated BatchNorm statistics if its run recalibrated); the ensemble's prediction is
-the mean of the members' softmax probabilities. Members must be scored on the same test
-set, checked image by image. The members' and the ensemble's accuracy, errors and loss
+recalibrated BatchNorm statistics if its run recalibrated), seen as its run saw them
+(`width_normalization`); the ensemble's prediction is the mean of the members' softmax
+probabilities. Members must be scored on the same test set, checked image by image as
+stored. The members' and the ensemble's accuracy, errors and loss
 (the negative log-likelihood of the averaged probabilities) are printed and written to
 `ensemble.json` beside the first member (or `--out`); so are their scores on the
 validation slice when every member held out the same one.
@@ -21,7 +22,7 @@ from absl import flags
 
 from deepdigits import inference, rundir
 from deepdigits.cli import run_command
-from deepdigits.data import load_datasets
+from deepdigits.data import as_network_input, load_datasets
 from deepdigits.errors import ConfigError
 
 ENSEMBLE_JSON = 'ensemble.json'
@@ -108,7 +109,7 @@ def evaluate_ensemble(workdirs: Sequence[str], checkpoint: str = 'latest',
   test_logits, validation_logits, members = [], [], []
   for workdir in workdirs:
     trained = inference.load_trained(workdir, checkpoint=checkpoint)
-    datasets = load_datasets(trained.config)
+    datasets = load_datasets(trained.config, as_input=False)  # compared as stored
     if test is None:
       test, validation, first = datasets['test'], datasets.get('validation'), workdir
     elif not _same_split(datasets['test'], test):
@@ -121,9 +122,12 @@ def evaluate_ensemble(workdirs: Sequence[str], checkpoint: str = 'latest',
           'members before it: no validation scores.')
       validation = None
     say(f'ensemble: {workdir}: step {trained.step}, {len(test):,} test images')
-    test_logits.append(inference.predict_logits(trained, test.images))
+    # Each member sees the images as its own run did (e.g. its width normalisation).
+    member_logits = lambda split: inference.predict_logits(
+        trained, as_network_input(split.images, trained.config))
+    test_logits.append(member_logits(test))
     if validation is not None:
-      validation_logits.append(inference.predict_logits(trained, validation.images))
+      validation_logits.append(member_logits(validation))
     members.append({'workdir': workdir, 'step': trained.step})
     del trained
   result = combine(test_logits, test.labels)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, tiny_config
-from deepdigits import ensemble, inference, rundir, train
+from deepdigits import ensemble, inference, preprocess, rundir, train
 from deepdigits.data import load_datasets, read_idx_split
 from deepdigits.errors import ConfigError
 from deepdigits.metrics_log import MetricsLog
@@ -139,6 +139,25 @@ def test_members_without_a_common_validation_slice_get_no_validation_scores(runs
   assert any('did not hold out the same validation slice' in line for line in said)
   assert result['ensemble']['examples'] == 300
   assert 'val. acc' not in ensemble.format_result(result)
+
+
+def test_members_with_normalised_widths_each_see_their_own_images(runs, tmp_path,
+                                                                   tiny_mnist_dir):
+  other = tmp_path / 'width14'  # seed 1's weights, recorded as trained on 14-pixel widths
+  shutil.copytree(runs / 'seed=1' / 'checkpoints', other / 'checkpoints')
+  config = rundir.read_config(str(runs / 'seed=1'))
+  config.width_normalization = 14
+  rundir.write_config(str(other), config)
+  result = ensemble.evaluate_ensemble([str(runs / 'seed=0'), str(other)],
+                                      say=lambda _: None)
+  test = read_idx_split(tiny_mnist_dir, 'test')
+  trained = inference.load_trained(str(other))
+  seen = inference.predict_logits(trained, preprocess.normalize_width(test.images, 14))
+  unseen = inference.predict_logits(trained, test.images)
+  assert not np.array_equal(seen.argmax(-1), unseen.argmax(-1))  # the test can tell
+  assert result['members'][1]['errors'] == int(np.sum(seen.argmax(-1) != test.labels))
+  # The validation slice is the same as stored, so the pair is scored on it too.
+  assert result['validation'] is not None and result['validation']['examples'] == 128
 
 
 def test_the_command_stops_on_a_folder_without_runs(tmp_path):
