@@ -126,6 +126,5 @@ def normalize_width(images: np.ndarray, width: int) -> np.ndarray:
     clipped = np.clip(index, 0, gray.shape[2] - 1)[:, None, :]
     return np.where(inside, np.take_along_axis(gray, clipped, 2), 0.0)
 
-  stretched = column(left) * (1 - frac) + column(left + 1) * frac
-  stretched = np.where(blank[:, None, None], gray, stretched)
+  stretched = column(left) * (1 - frac) + column(left + 1) * frac  # blank: scale 1, as is
   return np.clip(np.round(stretched), 0, 255).astype(np.uint8)[..., None]
