@@ -36,6 +36,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.pool_impl = 'auto'
   # Keras' kernel_regularizer=l2(w) on conv4, dense1, dense2: adds w * sum(kernel**2).
   config.l2_weight = 1e-3
+  # In training, BatchNorm's batch statistics over groups of this many consecutive
+  # images of each global batch (0 = the whole batch). Keras' BatchNormalization under a
+  # TPUStrategy uses each replica's own: 64 images on the original's 8-core TPU at batch
+  # 512. Must divide batch_size; evaluation and recalibration are unaffected.
+  config.bn_group_size = 0
 
   # Augmentation, on the device inside the train step, a random affine map per image
   # (0 = off for each): shift by up to N pixels on each axis, rotate by up to N degrees,

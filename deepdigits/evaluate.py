@@ -67,9 +67,9 @@ def batch_moments(model: nn.Module, params, batch_stats, images):
   """Every BatchNorm layer's mean and variance on one batch, with dropout off (pure).
 
   A clone with momentum 0 makes BatchNorm's running-average update return exactly the
-  batch's statistics.
+  batch's statistics, over the whole batch even when training uses per-group statistics.
   """
-  probe = model.clone(bn_momentum=0.0, use_dropout=False)
+  probe = model.clone(bn_momentum=0.0, use_dropout=False, bn_group_size=0)
   _, updates = probe.apply({'params': params, 'batch_stats': batch_stats},
                            scale_images(images), train=True, mutable=['batch_stats'])
   return updates['batch_stats']

@@ -108,6 +108,52 @@ class Conv3x3(nn.Module):
     return y + bias
 
 
+class PerGroupBatchNorm(nn.Module):
+  """BatchNorm whose batch statistics come from groups of `group_size` consecutive
+  examples rather than the whole batch ('ghost batches').
+
+  Keras' BatchNormalization under a TPUStrategy normalises with each replica's own
+  statistics and reads its running averages as the mean over replicas; this reproduces
+  that on any number of devices. The variables are those of `nn.BatchNorm` ('scale',
+  'bias'; 'mean', 'var'), so checkpoints and evaluation do not change.
+  """
+  group_size: int
+  use_running_average: bool = False
+  momentum: float = 0.99
+  epsilon: float = 1e-3
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = x.shape[-1]
+    scale = self.param('scale', nn.initializers.ones, (features,), self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, (features,), self.param_dtype)
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
+    if self.use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    else:
+      if x.shape[0] % self.group_size:
+        raise ValueError(f'a batch of {x.shape[0]} does not split into BatchNorm groups '
+                         f'of {self.group_size}')
+      groups = x.astype(jnp.float32).reshape((-1, self.group_size) + x.shape[1:])
+      axes = tuple(range(1, groups.ndim - 1))
+      # Flax's formula: E[x^2] - E[x]^2 in float32, clipped at 0.
+      group_mean = groups.mean(axes, keepdims=True)
+      group_var = jnp.maximum(
+          0.0, jnp.square(groups).mean(axes, keepdims=True) - jnp.square(group_mean))
+      if not self.is_initializing():
+        ra_mean.value = (self.momentum * ra_mean.value
+                         + (1 - self.momentum) * group_mean.mean(0).reshape(-1))
+        ra_var.value = (self.momentum * ra_var.value
+                        + (1 - self.momentum) * group_var.mean(0).reshape(-1))
+      y = (groups - group_mean) * (jax.lax.rsqrt(group_var + self.epsilon) * scale) + bias
+      return y.reshape(x.shape).astype(self.dtype)
+    y = (x.astype(jnp.float32) - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+    return y.astype(self.dtype)
+
+
 class DeepDigitsCNN(nn.Module):
   """The original DeepDigits CNN (2,624,394 numbers with BatchNorm statistics).
 
@@ -119,6 +165,8 @@ class DeepDigitsCNN(nn.Module):
     pool_impl: 'native' (nn.max_pool) or 'strided_views' (faster gradient on CPU).
     bn_momentum: BatchNorm running-average momentum (Keras default 0.99).
     bn_epsilon: BatchNorm epsilon (Keras default 1e-3).
+    bn_group_size: in training, BatchNorm's statistics over groups of this many
+      consecutive examples (Keras' per-replica statistics on a TPU); 0: the whole batch.
     use_dropout: False turns every dropout layer off even in training mode, for
       re-estimating BatchNorm statistics without dropout noise.
   """
@@ -128,14 +176,20 @@ class DeepDigitsCNN(nn.Module):
   pool_impl: str = 'native'
   bn_momentum: float = 0.99
   bn_epsilon: float = 1e-3
+  bn_group_size: int = 0
   use_dropout: bool = True
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
     """Maps float images [N, 28, 28, 1] in [0, 1] to logits [N, num_classes]."""
-    batch_norm = lambda name: nn.BatchNorm(
-        use_running_average=not train, momentum=self.bn_momentum,
-        epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=jnp.float32, name=name)
+    def batch_norm(name):
+      if self.bn_group_size:
+        return PerGroupBatchNorm(
+            self.bn_group_size, use_running_average=not train, momentum=self.bn_momentum,
+            epsilon=self.bn_epsilon, dtype=self.dtype, name=name)
+      return nn.BatchNorm(
+          use_running_average=not train, momentum=self.bn_momentum,
+          epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=jnp.float32, name=name)
     dropout = lambda rate: nn.Dropout(
         rate, deterministic=not (train and self.use_dropout))
     conv = lambda features, name: Conv3x3(

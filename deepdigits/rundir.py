@@ -74,11 +74,16 @@ def recorded_config(config: ml_collections.ConfigDict) -> dict:
   return recorded
 
 
+# Config fields added after runs were first recorded, each with the value that reproduces
+# a run recorded without it, so that commands on older workdirs keep working.
+LATER_FIELDS = {'width_normalization': 0, 'bn_group_size': 0}
+
+
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a run in workdir recorded."""
+  """The config a run in workdir recorded (with LATER_FIELDS where it has none)."""
   path = os.path.join(workdir, CONFIG_NAME)
   if not os.path.isfile(path):
     raise ConfigError(f'{path} not found: {workdir!r} is not the workdir of a training '
                       'run.')
   with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict({**LATER_FIELDS, **json.load(f)})

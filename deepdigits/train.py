@@ -67,7 +67,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   non_negative = ('num_epochs', 'validation_size', 'train_subset',
                   'bn_recalibration_batches', 'l2_weight', 'checkpoint_every_steps',
                   'warmup_epochs', 'augment_max_shift', 'augment_max_rotation',
-                  'augment_elastic_alpha')
+                  'augment_elastic_alpha', 'bn_group_size')
   for name in positive:
     if not config[name] > 0:
       raise ConfigError(f'--config.{name}={config[name]} must be > 0.')
@@ -83,6 +83,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if not 0 <= config.width_normalization <= IMAGE_SHAPE[1]:
     raise ConfigError(f'--config.width_normalization={config.width_normalization} must '
                       f'be 0 (off) or a width in pixels, 1..{IMAGE_SHAPE[1]}.')
+  if config.bn_group_size and config.batch_size % config.bn_group_size:
+    raise ConfigError(f'--config.bn_group_size={config.bn_group_size} does not divide '
+                      f'batch_size={config.batch_size}: use a divisor, or 0 (whole batch).')
   if config.warmup_epochs > config.num_epochs:
     raise ConfigError(f'--config.warmup_epochs={config.warmup_epochs} is more than '
                       f'num_epochs={config.num_epochs}.')
@@ -135,7 +138,8 @@ def make_model(config, differentiated: bool = True) -> DeepDigitsCNN:
   return DeepDigitsCNN(
       dtype=DTYPES[config.dtype],
       conv_impl=resolve_impl(config.conv_impl, cpu_conv_choice(config.dtype), differentiated),
-      pool_impl=resolve_impl(config.pool_impl, 'strided_views', differentiated))
+      pool_impl=resolve_impl(config.pool_impl, 'strided_views', differentiated),
+      bn_group_size=config.bn_group_size)
 
 
 def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:

@@ -2,6 +2,7 @@
 checkpoint scored again gives the run's own numbers; a folder that is not one is one
 clear line."""
 
+import json
 import re
 
 import pytest
@@ -77,3 +78,14 @@ def test_a_folder_that_is_not_a_trained_run_is_one_clear_error(setup, args, mess
   assert result.stderr.strip().splitlines()[-1].startswith('deepdigits: error: ')
   assert message.format(dir=tmp_path) in result.stderr
   assert 'Traceback' not in result.stderr
+
+
+def test_a_config_recorded_before_later_fields_reads_with_their_old_values(tmp_path):
+  recorded = tiny_config('').to_dict()
+  for field in rundir.LATER_FIELDS:
+    del recorded[field]
+  (tmp_path / rundir.CONFIG_NAME).write_text(json.dumps(recorded))
+  config = rundir.read_config(str(tmp_path))
+  assert config.bn_group_size == 0 and config.width_normalization == 0
+  train.check_config(config)
+  assert train.make_model(config).bn_group_size == 0

@@ -1,5 +1,7 @@
 """The network is the original's: size, outputs, dropout, L2, convolution algorithms."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,8 +10,8 @@ import pytest
 import flax.linen as nn
 
 from deepdigits import onednn_conv
-from deepdigits.model import (L2_REGULARIZED_KERNELS, DeepDigitsCNN, conv3x3_shifted_matmul,
-                              l2_penalty, max_pool_2x2_strided)
+from deepdigits.model import (L2_REGULARIZED_KERNELS, DeepDigitsCNN, PerGroupBatchNorm,
+                              conv3x3_shifted_matmul, l2_penalty, max_pool_2x2_strided)
 
 
 @pytest.fixture(scope='module')
@@ -141,3 +143,66 @@ def test_bfloat16_compute_gives_a_loss_close_to_float32(variables, mnist):
   params = DeepDigitsCNN(dtype=jnp.bfloat16).init(
       jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), train=False)['params']
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+
+
+def _batch_norm_variables(features, rng):
+  """nn.BatchNorm's variables with random scale, bias and running statistics."""
+  keys = jax.random.split(rng, 4)
+  return {'params': {'scale': 1 + jax.random.normal(keys[0], (features,)),
+                     'bias': jax.random.normal(keys[1], (features,))},
+          'batch_stats': {'mean': jax.random.normal(keys[2], (features,)),
+                          'var': jax.random.uniform(keys[3], (features,), minval=0.5)}}
+
+
+@pytest.mark.parametrize('shape', [(12, 5, 5, 3), (12, 7)])
+def test_per_group_batch_norm_normalises_each_group_alone(shape):
+  x = 3 + 2 * jax.random.normal(jax.random.PRNGKey(0), shape)
+  variables = _batch_norm_variables(shape[-1], jax.random.PRNGKey(1))
+  whole = nn.BatchNorm(use_running_average=False, epsilon=1e-3)
+  grouped = PerGroupBatchNorm(4, epsilon=1e-3)
+  # Its variables are nn.BatchNorm's, so checkpoints and evaluation carry over.
+  assert (jax.tree.structure(grouped.init(jax.random.PRNGKey(2), x))
+          == jax.tree.structure(whole.init(jax.random.PRNGKey(2), x)))
+  y, updates = grouped.apply(variables, x, mutable=['batch_stats'])
+  per_group = [whole.apply(variables, x[i:i + 4], mutable=['batch_stats'])
+               for i in range(0, shape[0], 4)]
+  np.testing.assert_allclose(y, jnp.concatenate([out for out, _ in per_group]),
+                             rtol=1e-5, atol=1e-5)
+  # Running statistics: the mean over groups of each group's update, as Keras reads a
+  # per-replica variable.
+  for stat in ('mean', 'var'):
+    expected = np.mean([new['batch_stats'][stat] for _, new in per_group], axis=0)
+    np.testing.assert_allclose(updates['batch_stats'][stat], expected, rtol=1e-5)
+  # One group of the whole batch is plain BatchNorm; at evaluation the groups play no part.
+  one = PerGroupBatchNorm(shape[0], epsilon=1e-3)
+  np.testing.assert_allclose(one.apply(variables, x, mutable=['batch_stats'])[0],
+                             whole.apply(variables, x, mutable=['batch_stats'])[0],
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      PerGroupBatchNorm(4, use_running_average=True, epsilon=1e-3).apply(variables, x),
+      nn.BatchNorm(use_running_average=True, epsilon=1e-3).apply(variables, x),
+      rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='groups of 5'):
+    PerGroupBatchNorm(5).apply(variables, x, mutable=['batch_stats'])
+
+
+def test_network_with_batch_norm_groups_differs_in_training_only(variables):
+  x = jax.random.uniform(jax.random.PRNGKey(3), (8, 28, 28, 1))
+  whole, grouped = DeepDigitsCNN(use_dropout=False), DeepDigitsCNN(use_dropout=False,
+                                                                    bn_group_size=4)
+  np.testing.assert_array_equal(grouped.apply(variables, x, train=False),
+                                whole.apply(variables, x, train=False))
+  train = lambda model: model.apply(variables, x, train=True, mutable=['batch_stats'])[0]
+  assert not np.allclose(train(grouped), train(whole), atol=1e-3)
+  np.testing.assert_allclose(train(DeepDigitsCNN(use_dropout=False, bn_group_size=8)),
+                             train(whole), rtol=1e-4, atol=1e-4)
+
+
+def test_recalibration_moments_are_whole_batch_statistics_for_grouped_models(variables):
+  # Re-estimated statistics describe the population, not the training groups.
+  from deepdigits.evaluate import batch_moments  # pylint: disable=g-import-not-at-top
+  images = jax.random.randint(jax.random.PRNGKey(4), (8, 28, 28, 1), 0, 256).astype(jnp.uint8)
+  moments = lambda model: batch_moments(model, variables['params'],
+                                        variables['batch_stats'], images)
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+               moments(DeepDigitsCNN(bn_group_size=2)), moments(DeepDigitsCNN()))

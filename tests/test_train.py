@@ -138,7 +138,10 @@ def test_bad_config_values_fail_with_clear_errors():
                                 ('dtype', 'float16', "dtype='float16': use one of"),
                                 ('conv_impl', 'fft', "conv_impl='fft': use one of"),
                                 ('width_normalization', 29,
-                                 'width_normalization=29 must be 0 .off. or a width')):
+                                 'width_normalization=29 must be 0 .off. or a width'),
+                                ('bn_group_size', -8, 'bn_group_size=-8 must be >= 0'),
+                                ('bn_group_size', 24,
+                                 'bn_group_size=24 does not divide batch_size=64')):
     with pytest.raises(ConfigError, match=message):
       train.check_config(tiny_config('', **{field: value}))
 
