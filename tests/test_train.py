@@ -39,9 +39,12 @@ def test_eight_fake_devices_are_present():
   assert jax.device_count() == 8
 
 
+@pytest.mark.parametrize('bn_group_size', [0, 8])
 def test_one_and_eight_devices_give_the_same_loss_gradients_and_batch_stats(
-    model_and_state, batch):
+    model_and_state, batch, bn_group_size):
   model, state = model_and_state
+  # Per-group statistics (groups of 8: one per device on 8) are the same on any mesh.
+  model = model.clone(bn_group_size=bn_group_size)
   results = {}
   for n in (1, 8):
     mesh = mesh_of(n)
@@ -56,7 +59,12 @@ def test_one_and_eight_devices_give_the_same_loss_gradients_and_batch_stats(
   (loss1, grads1, stats1), (loss8, grads8, stats8) = results[1], results[8]
   np.testing.assert_allclose(loss1, loss8, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(grads1), jax.tree.leaves(grads8)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(a).max())
+    if bn_group_size:
+      # Statistics of 8 images amplify the rounding of another summation order (up to
+      # 7e-4 of a leaf's norm here); groups of 16 instead of 8 are off by 44% or more.
+      assert np.linalg.norm(a - b) <= 3e-3 * np.linalg.norm(a)
+    else:
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(a).max())
   for a, b in zip(jax.tree.leaves(stats1), jax.tree.leaves(stats8)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   # The statistics are those of the global batch: bn1's new mean moved by 1% of the
