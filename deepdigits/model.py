@@ -132,26 +132,23 @@ class PerGroupBatchNorm(nn.Module):
     ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
     ra_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
     if self.use_running_average:
-      mean, var = ra_mean.value, ra_var.value
+      values, mean, var = x.astype(jnp.float32), ra_mean.value, ra_var.value
     else:
       if x.shape[0] % self.group_size:
         raise ValueError(f'a batch of {x.shape[0]} does not split into BatchNorm groups '
                          f'of {self.group_size}')
-      groups = x.astype(jnp.float32).reshape((-1, self.group_size) + x.shape[1:])
-      axes = tuple(range(1, groups.ndim - 1))
-      # Flax's formula: E[x^2] - E[x]^2 in float32, clipped at 0.
-      group_mean = groups.mean(axes, keepdims=True)
-      group_var = jnp.maximum(
-          0.0, jnp.square(groups).mean(axes, keepdims=True) - jnp.square(group_mean))
+      values = x.astype(jnp.float32).reshape((-1, self.group_size) + x.shape[1:])
+      axes = tuple(range(1, values.ndim - 1))
+      # Flax's formula: E[x^2] - E[x]^2 in float32, clipped at 0; one row per group.
+      mean = values.mean(axes, keepdims=True)
+      var = jnp.maximum(0.0, jnp.square(values).mean(axes, keepdims=True) - jnp.square(mean))
       if not self.is_initializing():
         ra_mean.value = (self.momentum * ra_mean.value
-                         + (1 - self.momentum) * group_mean.mean(0).reshape(-1))
+                         + (1 - self.momentum) * mean.mean(0).reshape(-1))
         ra_var.value = (self.momentum * ra_var.value
-                        + (1 - self.momentum) * group_var.mean(0).reshape(-1))
-      y = (groups - group_mean) * (jax.lax.rsqrt(group_var + self.epsilon) * scale) + bias
-      return y.reshape(x.shape).astype(self.dtype)
-    y = (x.astype(jnp.float32) - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
-    return y.astype(self.dtype)
+                        + (1 - self.momentum) * var.mean(0).reshape(-1))
+    y = (values - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
+    return y.reshape(x.shape).astype(self.dtype)
 
 
 class DeepDigitsCNN(nn.Module):

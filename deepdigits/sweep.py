@@ -17,7 +17,6 @@ import dataclasses
 import difflib
 import io
 import itertools
-import json
 import os
 import urllib.parse
 from typing import Any, Callable, Optional
@@ -169,8 +168,8 @@ def plan(config: ml_collections.ConfigDict, workdir: str,
       raise ConfigError(f'point {name}: {e}') from None
     point_dir = os.path.join(workdir, name)
     if os.path.isfile(os.path.join(point_dir, rundir.CONFIG_NAME)):
-      with open(os.path.join(point_dir, rundir.CONFIG_NAME)) as f:
-        differences = config_differences(json.load(f), rundir.recorded_config(cfg))
+      differences = config_differences(rundir.read_config(point_dir).to_dict(),
+                                       rundir.recorded_config(cfg))
       if differences:
         raise ConfigError(
             f'{point_dir} was run with another config ({"; ".join(differences[:3])}); '

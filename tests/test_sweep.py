@@ -2,6 +2,7 @@
 re-run that skips finished points."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -80,6 +81,21 @@ def test_a_rerun_from_another_folder_or_with_other_output_fields_is_the_same_con
   assert sweep.config_differences(recorded, rundir.recorded_config(config)) == [
       f'learning_rate={recorded["learning_rate"]!r} there, '
       f'{config.learning_rate!r} now']
+
+
+def test_a_point_recorded_before_later_config_fields_is_the_same_config(tmp_path):
+  config = tiny_config('')
+  point = tmp_path / 'seed=0'
+  rundir.prepare(str(point))
+  recorded = rundir.recorded_config(config)
+  for field in rundir.LATER_FIELDS:
+    del recorded[field]
+  (point / rundir.CONFIG_NAME).write_text(json.dumps(recorded))
+  [planned] = sweep.plan(config, str(tmp_path), ['seed=0'])
+  assert planned.workdir == str(point)
+  config.learning_rate *= 2
+  with pytest.raises(ConfigError, match='was run with another config .learning_rate='):
+    sweep.plan(config, str(tmp_path), ['seed=0'])
 
 
 def row(lr, **metrics):
