@@ -40,6 +40,7 @@ def main():
     sys.exit('deepdigits: error: --checkpoint is for --mode=evaluate.')
   # Imported here so that flag and config errors come before jax's start-up time.
   import jax  # pylint: disable=g-import-not-at-top
+
   from deepdigits.inference import evaluate_workdir  # pylint: disable=g-import-not-at-top
   from deepdigits.metrics_log import format_evaluation  # pylint: disable=g-import-not-at-top
   from deepdigits.train import train_and_evaluate  # pylint: disable=g-import-not-at-top

@@ -9,9 +9,9 @@ With every range at 0 the images are returned untouched (a static choice: no wor
 compiled in).
 """
 
+import dm_pix
 import jax
 import jax.numpy as jnp
-import dm_pix
 
 ELASTIC_STREAM = 1
 

@@ -1,8 +1,10 @@
-"""Orbax checkpoints of the whole train state, in `workdir/checkpoints/<step>`.
+"""Orbax checkpoints of the whole train state, in `workdir/checkpoints/<step>`, and the
+best one by validation accuracy in `workdir/best_checkpoint/`.
 
-The state holds the step, params, BatchNorm statistics, optimizer state, the base RNG
-and the non-finite marker; the data order is a function of (seed, epoch), so restoring
-the state restores everything a run needs to go on as if it had never stopped.
+The state (`train_state.TrainState`) holds the step, params, BatchNorm statistics,
+optimizer state, the base RNG, the non-finite marker and the weights' moving average;
+the data order is a function of (seed, epoch), so restoring the state restores
+everything a run needs to go on as if it had never stopped.
 Nothing is ever deleted here: an unreadable checkpoint is moved to
 `workdir/corrupt_checkpoints/` and the previous one restored.
 """
@@ -16,8 +18,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from deepdigits.errors import CheckpointError
-
+from deepdigits.errors import CheckpointError, NonFiniteError
+from deepdigits.preemption import Preempted
 
 LATEST = 'checkpoints'  # the newest max_to_keep states, for resuming
 BEST = 'best_checkpoint'  # the state with the best validation accuracy so far
@@ -118,3 +120,67 @@ def _set_aside(manager: ocp.CheckpointManager, step: int, error: Exception) -> N
   logging.warning(message)
   print(f'deepdigits: warning: {message}', flush=True)
   manager.reload()
+
+
+def selection_metric(record: dict) -> float:
+  """What model selection maximises: validation accuracy (with recalibrated BatchNorm
+  statistics when the run re-estimates them); never test accuracy."""
+  return record.get('validation_accuracy_recalibrated',
+                    record.get('validation_accuracy', -1.0))
+
+
+class RunCheckpoints:
+  """A training run's checkpoints: the latest ones (to resume) and, when the run holds
+  out a validation slice, the best one. It saves once per step, never a state that went
+  non-finite, and waits for the background writes before the run ends."""
+
+  def __init__(self, workdir: str, max_to_keep: int, keep_best: bool,
+               previous_records: list[dict]):
+    self.latest = make_manager(workdir, max_to_keep)
+    self.best = make_manager(workdir, 1, BEST) if keep_best else None
+    self.best_so_far = max((selection_metric(r) for r in previous_records), default=-1.0)
+
+  def restore(self, state: Any) -> Any:
+    """The latest readable checkpoint restored into `state`'s structure, or `state`."""
+    restored = restore_latest(self.latest, state)
+    return state if restored is None else restored
+
+  def check_finite(self, state: Any) -> None:
+    """Stops the run if a step saw a NaN or Inf; the train step froze the state there."""
+    bad_step = int(state.nonfinite_step)
+    if bad_step >= 0:
+      self.latest.wait_until_finished()
+      latest = self.latest.latest_step()
+      kept = (f'the last good checkpoint, step {latest}, is kept' if latest is not None
+              else 'no checkpoint was written')
+      raise NonFiniteError(
+          f'the loss or its gradients became NaN or Inf at step {bad_step + 1}; training '
+          f'stopped and {kept}. Lower --config.learning_rate or check the data.')
+
+  def save(self, state: Any, step: int) -> None:
+    """Saves the state at `step`, once, if it is finite (else stops the run)."""
+    self.check_finite(state)
+    if self.latest.latest_step() != step:
+      save(self.latest, state)
+
+  def save_and_stop(self, state: Any, step: int, preemption) -> None:
+    """On a preemption signal: saves, waits for the write, and raises Preempted."""
+    self.save(state, step)
+    self.latest.wait_until_finished()
+    raise Preempted(f'stopped by {preemption.signal_name} at step {step}; the '
+                    f'checkpoint is saved in {self.latest.directory}/{step}. Run the '
+                    'same command to resume.', preemption.signum)
+
+  def keep_if_best(self, state: Any, record: dict) -> None:
+    """Replaces the best checkpoint if the epoch's `record` beats every earlier one on
+    `selection_metric`, and marks the record so."""
+    if self.best and selection_metric(record) > self.best_so_far:
+      self.best_so_far = selection_metric(record)
+      save(self.best, state)
+      record['best_checkpoint'] = True
+
+  def close(self) -> None:
+    for manager in (self.latest, self.best):
+      if manager:
+        manager.wait_until_finished()
+        manager.close()

@@ -94,3 +94,21 @@ class BatchNormRecalibrator:
         self.mesh, functools.partial(self._moments, params, batch_stats),
         (split.images,), index_batches)
     return jax.tree.map(lambda t: t / len(index_batches), total)
+
+
+def evaluate_splits(evaluator: Evaluator, params, variants: dict[str, object],
+                    datasets: dict[str, Split], with_errors: bool = False) -> dict:
+  """Validation and test metrics for each BatchNorm-statistics variant (its suffix,
+  '' or '_recalibrated', to its statistics), keyed as in metrics.jsonl:
+  '<split>_loss<suffix>', '<split>_accuracy<suffix>', '<split>_examples' and, with
+  `with_errors`, '<split>_errors<suffix>'."""
+  keys = ('loss', 'accuracy', 'errors') if with_errors else ('loss', 'accuracy')
+  record = {}
+  for suffix, batch_stats in variants.items():
+    for name in ('validation', 'test'):
+      if name in datasets:
+        scores = evaluator(params, batch_stats, datasets[name])
+        record[f'{name}_examples'] = scores['examples']
+        for key in keys:
+          record[f'{name}_{key}{suffix}'] = scores[key]
+  return record

@@ -19,10 +19,10 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from deepdigits import checkpointing, input_pipeline, rundir, sharding, train
+from deepdigits import checkpointing, input_pipeline, model_factory, rundir, sharding, train_state
 from deepdigits.data import Split, load_datasets, scale_images
 from deepdigits.errors import CheckpointError
-from deepdigits.evaluate import BatchNormRecalibrator, Evaluator, pad_to_batches
+from deepdigits.evaluate import BatchNormRecalibrator, Evaluator, evaluate_splits, pad_to_batches
 from deepdigits.metrics_log import MetricsLog
 
 
@@ -66,14 +66,14 @@ def load_trained(workdir: str, config: Optional[ml_collections.ConfigDict] = Non
             if checkpoint == 'best' else '')
     raise CheckpointError(f'no {directory}{hint}; train there first.')
   mesh = sharding.make_mesh()
-  template = train.create_train_state(config, train.make_model(config), mesh)
+  template = train_state.create_train_state(config, model_factory.make_model(config), mesh)
   manager = checkpointing.make_manager(workdir, config.max_to_keep, kinds[checkpoint])
   state = checkpointing.restore_latest(manager, template)
   manager.close()
   if state is None:
     raise CheckpointError(f'no readable checkpoint in {directory}; train there first.')
-  model = train.make_model(config, differentiated=False)
-  params, batch_stats = train.evaluation_variables(state)  # the moving averages if kept
+  model = model_factory.make_model(config, differentiated=False)
+  params, batch_stats = train_state.evaluation_variables(state)  # the moving averages if kept
   trained = Trained(config, model, mesh, params, batch_stats, int(state.step))
   if recalibrate and config.bn_recalibration_batches:
     trained = recalibrated(trained, load_datasets(config)['train'])
@@ -88,7 +88,7 @@ def recalibrated(trained: Trained, train_split: Split) -> Trained:
   steps_per_epoch = len(train_split) // config.batch_size
   epoch = max(0, -(-trained.step // steps_per_epoch) - 1)
   index_batches = input_pipeline.epoch_index_batches(
-      train.epoch_order(config, epoch, len(train_split)), config.batch_size)
+      input_pipeline.run_epoch_order(config, epoch, len(train_split)), config.batch_size)
   batch_stats = BatchNormRecalibrator(trained.model, trained.mesh)(
       trained.params, trained.batch_stats, train_split,
       index_batches[:config.bn_recalibration_batches])
@@ -122,20 +122,14 @@ def evaluate_workdir(workdir: str, checkpoint: str = 'latest',
   config = config if config is not None else rundir.read_config(workdir)
   trained = load_trained(workdir, config, recalibrate=False, checkpoint=checkpoint)
   datasets = load_datasets(config)
-  variants = {'': trained}
+  variants = {'': trained.batch_stats}
   if config.bn_recalibration_batches:
-    variants['_recalibrated'] = recalibrated(trained, datasets['train'])
-  step = trained.step
-  result = {'workdir': workdir, 'checkpoint': checkpoint, 'step': step}
-  epochs = [r['epoch'] for r in MetricsLog(workdir).records() if r['step'] == step]
+    variants['_recalibrated'] = recalibrated(trained, datasets['train']).batch_stats
+  result = {'workdir': workdir, 'checkpoint': checkpoint, 'step': trained.step}
+  epochs = [r['epoch'] for r in MetricsLog(workdir).records() if r['step'] == trained.step]
   if epochs:
     result['epoch'] = epochs[-1]
-  for suffix, trained in variants.items():
-    evaluator = Evaluator(trained.model, trained.mesh, config.eval_batch_size)
-    for name in ('validation', 'test'):
-      if name in datasets:
-        scores = evaluator(trained.params, trained.batch_stats, datasets[name])
-        result[f'{name}_examples'] = scores['examples']
-        for key in ('loss', 'accuracy', 'errors'):
-          result[f'{name}_{key}{suffix}'] = scores[key]
+  evaluator = Evaluator(trained.model, trained.mesh, config.eval_batch_size)
+  result.update(evaluate_splits(evaluator, trained.params, variants, datasets,
+                                with_errors=True))
   return result

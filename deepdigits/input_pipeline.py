@@ -37,6 +37,11 @@ def epoch_order(seed: int, epoch: int, num_examples: int, shuffle: bool = True) 
   return _epoch_order(jnp.uint32(seed), jnp.uint32(epoch), num_examples, shuffle)
 
 
+def run_epoch_order(config, epoch: int, num_examples: int) -> jax.Array:
+  """`epoch_order` for a run's config (its seed and shuffle fields)."""
+  return epoch_order(config.seed, epoch, num_examples, config.shuffle)
+
+
 def epoch_index_batches(order, batch_size: int) -> np.ndarray:
   """The order as host indices [steps, batch_size]; the last partial batch is dropped
   (it would differ every epoch when shuffling)."""

@@ -12,64 +12,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deepdigits import onednn_conv
+from deepdigits.ops import onednn_conv
+from deepdigits.ops.conv import conv3x3_shifted_matmul
+from deepdigits.ops.pool import max_pool_2x2_strided
 
 # Kernels that carry the original's `kernel_regularizer=l2(0.001)`.
 L2_REGULARIZED_KERNELS = ('conv4', 'dense1', 'dense2')
 CONV_IMPLS = ('native', 'shifted_matmul', 'onednn')
 POOL_IMPLS = ('native', 'strided_views')
-
-
-def conv3x3_shifted_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """A 3x3 VALID, stride-1 convolution as one matmul over the nine shifted views.
-
-  The same function as `lax.conv_general_dilated` (NHWC, HWIO); XLA's CPU backend runs
-  it as one large GEMM, which is faster there than its native convolution.
-  """
-  height, width = x.shape[1] - 2, x.shape[2] - 2
-  patches = jnp.concatenate(
-      [x[:, i:i + height, j:j + width, :] for i in range(3) for j in range(3)], axis=-1)
-  return jnp.dot(patches, kernel.reshape(-1, kernel.shape[-1]))
-
-
-def _pool_views(x: jax.Array):
-  """The four positions of every 2x2 window, in row-major order."""
-  return x[:, 0::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 0::2], x[:, 1::2, 1::2]
-
-
-@jax.custom_vjp
-def max_pool_2x2_strided(x: jax.Array) -> jax.Array:
-  """2x2, stride-2 max pooling (even height and width) from four strided views.
-
-  The same values and gradients as `nn.max_pool` (on ties the first maximum in the
-  window takes the gradient, as XLA's select-and-scatter does); on CPU XLA lowers the
-  gradient of `reduce_window` to a slow variadic reduction, and this is elementwise.
-  """
-  a, b, c, d = _pool_views(x)
-  return jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d))
-
-
-def _max_pool_fwd(x):
-  y = max_pool_2x2_strided(x)
-  return y, (x, y)
-
-
-def _max_pool_bwd(residuals, g):
-  x, y = residuals
-  a, b, c, _ = _pool_views(x)
-  first_a = a == y
-  first_b = (b == y) & ~first_a
-  first_c = (c == y) & ~(first_a | first_b)
-  first_d = ~(first_a | first_b | first_c)
-  ga, gb, gc, gd = (jnp.where(t, g, jnp.zeros_like(g))
-                    for t in (first_a, first_b, first_c, first_d))
-  n, h, w, ch = g.shape
-  top = jnp.stack([ga, gb], 3).reshape(n, h, 2 * w, ch)
-  bottom = jnp.stack([gc, gd], 3).reshape(n, h, 2 * w, ch)
-  return (jnp.stack([top, bottom], 2).reshape(n, 2 * h, 2 * w, ch),)
-
-
-max_pool_2x2_strided.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 def max_pool_2x2(x: jax.Array, impl: str) -> jax.Array:
@@ -81,7 +31,8 @@ def max_pool_2x2(x: jax.Array, impl: str) -> jax.Array:
 
 
 class Conv3x3(nn.Module):
-  """3x3 VALID convolution with bias; `impl` picks how XLA computes it."""
+  """3x3 VALID convolution with bias; `impl` picks the implementation (deepdigits/ops):
+the same function, at different speeds per backend."""
   features: int
   impl: str = 'native'
   dtype: Any = jnp.float32

@@ -6,7 +6,7 @@ ratio (anti-aliased, hence the grey levels), then placed in a 28x28 field so tha
 centre of mass lands at the centre (pixel (14, 14), where MNIST's own digits have it).
 Before that, a real image needs what MNIST's scans never did: grey levels, a light
 background inverted to MNIST's black, and the background level subtracted so that paper
-grey becomes 0. Pure functions of arrays; reading files is `deepdigits.predict`'s job.
+grey becomes 0. Pure functions of arrays; reading files is `deepdigits.tools.predict`'s job.
 
 Width normalisation (`normalize_width`) gives networks of a committee different views of
 the same digits: each network sees every digit, in training and at test time, stretched

@@ -1,42 +1,43 @@
-"""The training loop: train state, the jitted train step, and `train_and_evaluate`.
-
-Sections as in big_vision: config checks, mesh, data, model and state, checkpoint
-restore, compile, then the epoch loop (train, evaluate, log, checkpoint).
+"""The trainer: the jitted train step and `train_and_evaluate`, one main loop that
+reads top to bottom in sections (checks, mesh, data, model and state, restore, compile,
+loop), as big_vision's does.
 """
 
 import collections
 import functools
 import time
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from flax.training import train_state
 
-from deepdigits import (augment, checkpointing, host_memory, input_pipeline, onednn_conv,
-                        rundir, sharding)
-from deepdigits.data import IMAGE_SHAPE, Split, load_datasets, scale_images
-from deepdigits.errors import ConfigError, NonFiniteError
-from deepdigits.evaluate import BatchNormRecalibrator, Evaluator
+from deepdigits import (
+  augment,
+  checkpointing,
+  config_checks,
+  host_memory,
+  input_pipeline,
+  model_factory,
+  rundir,
+  sharding,
+)
+from deepdigits.data import load_datasets, scale_images
+from deepdigits.errors import ConfigError
+from deepdigits.evaluate import BatchNormRecalibrator, Evaluator, evaluate_splits
 from deepdigits.metrics_log import EpochProgress, MetricsLog
-from deepdigits.model import CONV_IMPLS, POOL_IMPLS, DeepDigitsCNN, l2_penalty
-from deepdigits.preemption import Preempted, PreemptionGuard
+from deepdigits.model import l2_penalty
+from deepdigits.preemption import PreemptionGuard
+from deepdigits.train_state import (
+  TrainState,
+  create_train_state,
+  evaluation_variables,
+  learning_rate_schedule,
+)
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-LR_SCHEDULES = ('constant', 'cosine')
 AUGMENT_STREAM = 1 << 30  # folded into the base key for augmentation's own stream
-
-
-class TrainState(train_state.TrainState):
-  """Flax's TrainState plus BatchNorm statistics, the base random key, and the moving
-  average of the weights."""
-  batch_stats: Any
-  rng: jax.Array  # raw uint32 key; dropout uses fold_in(rng, step)
-  nonfinite_step: jax.Array  # first step whose loss or gradients were not finite, or -1
-  ema: Any  # {'params', 'batch_stats'} averaged over steps if config.ema_decay, else {}
 
 
 class StepOptions(NamedTuple):
@@ -52,128 +53,12 @@ class StepOptions(NamedTuple):
 
   @classmethod
   def from_config(cls, config) -> 'StepOptions':
-    return cls(config.l2_weight, config.label_smoothing, config.augment_max_shift,
-               config.augment_max_rotation, config.augment_max_zoom, config.ema_decay,
-               config.augment_elastic_alpha, config.augment_elastic_sigma)
-
-
-# ---------------------------------------------------------------- config
-
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """Rejects values that would fail later or train nonsense, before any work."""
-  positive = ('batch_size', 'eval_batch_size', 'learning_rate', 'checkpoint_every_epochs',
-              'max_to_keep')
-  non_negative = ('num_epochs', 'validation_size', 'train_subset',
-                  'bn_recalibration_batches', 'l2_weight', 'checkpoint_every_steps',
-                  'warmup_epochs', 'augment_max_shift', 'augment_max_rotation',
-                  'augment_elastic_alpha', 'bn_group_size')
-  for name in positive:
-    if not config[name] > 0:
-      raise ConfigError(f'--config.{name}={config[name]} must be > 0.')
-  for name in non_negative:
-    if config[name] < 0:
-      raise ConfigError(f'--config.{name}={config[name]} must be >= 0.')
-  for name in ('label_smoothing', 'ema_decay', 'augment_max_zoom'):
-    if not 0 <= config[name] < 1:
-      raise ConfigError(f'--config.{name}={config[name]} must be in [0, 1).')
-  if config.augment_elastic_alpha and not config.augment_elastic_sigma > 0:
-    raise ConfigError(f'--config.augment_elastic_sigma={config.augment_elastic_sigma} '
-                      'must be > 0 when augment_elastic_alpha is set.')
-  if not 0 <= config.width_normalization <= IMAGE_SHAPE[1]:
-    raise ConfigError(f'--config.width_normalization={config.width_normalization} must '
-                      f'be 0 (off) or a width in pixels, 1..{IMAGE_SHAPE[1]}.')
-  if config.bn_group_size and config.batch_size % config.bn_group_size:
-    raise ConfigError(f'--config.bn_group_size={config.bn_group_size} does not divide '
-                      f'batch_size={config.batch_size}: use a divisor, or 0 (whole batch).')
-  if config.warmup_epochs > config.num_epochs:
-    raise ConfigError(f'--config.warmup_epochs={config.warmup_epochs} is more than '
-                      f'num_epochs={config.num_epochs}.')
-  if config.dtype not in DTYPES:
-    raise ConfigError(f'--config.dtype={config.dtype!r}: use one of {sorted(DTYPES)}.')
-  for name, choices in (('conv_impl', CONV_IMPLS + ('auto',)),
-                        ('pool_impl', POOL_IMPLS + ('auto',)),
-                        ('input_pipeline', input_pipeline.FEEDS),
-                        ('lr_schedule', LR_SCHEDULES)):
-    if config[name] not in choices:
-      raise ConfigError(f'--config.{name}={config[name]!r}: use one of {choices}.')
-  if config.conv_impl == 'onednn' and (problem := onednn_problem(config.dtype)):
-    raise ConfigError(f"--config.conv_impl='onednn' {problem}.")
-
-
-def onednn_problem(dtype: str) -> Optional[str]:
-  """Why oneDNN's convolutions cannot run in this process with this dtype, or None."""
-  if dtype != 'float32':
-    return f"computes in float32, not {dtype}: use conv_impl='auto' or 'shifted_matmul'"
-  if jax.default_backend() != 'cpu':
-    return f"runs on the CPU only, not {jax.default_backend()}: use conv_impl='auto' or 'native'"
-  if jax.local_device_count() > 1:
-    return (f'needs one CPU device per process, not {jax.local_device_count()} (oneDNN '
-            "called from several XLA devices at once deadlocks): use conv_impl='auto' or "
-            "'shifted_matmul'")
-  if not onednn_conv.is_available():
-    return f"is not available: {onednn_conv.unavailable_reason()}. Or use conv_impl='auto'"
-  return None
-
-def resolve_impl(impl: str, cpu_choice: str, differentiated: bool) -> str:
-  """'auto' is XLA's own op, except in the differentiated (training) pass on CPU, where
-  XLA's convolution and pooling gradients are slow and `cpu_choice` is the same function
-  computed faster. Forward-only passes (evaluation) are fastest native on CPU too."""
-  if impl != 'auto':
-    return impl
-  return cpu_choice if differentiated and jax.default_backend() == 'cpu' else 'native'
-
-
-def cpu_conv_choice(dtype: str) -> str:
-  """oneDNN's convolutions where they run, else the shifted-view matmuls."""
-  return 'shifted_matmul' if onednn_problem(dtype) else 'onednn'
-
-
-# ---------------------------------------------------------------- model and state
-
-
-def make_model(config, differentiated: bool = True) -> DeepDigitsCNN:
-  """The network for the train step (differentiated) or for evaluation; both compute the
-  same function with the same parameters."""
-  return DeepDigitsCNN(
-      dtype=DTYPES[config.dtype],
-      conv_impl=resolve_impl(config.conv_impl, cpu_conv_choice(config.dtype), differentiated),
-      pool_impl=resolve_impl(config.pool_impl, 'strided_views', differentiated),
-      bn_group_size=config.bn_group_size)
-
-
-def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
-  """'constant' (the original), or 'cosine': a linear warm-up over warmup_epochs, then
-  a cosine decay to 0 at the last step."""
-  if config.lr_schedule == 'constant':
-    return optax.constant_schedule(config.learning_rate)
-  total = max(1, config.num_epochs * steps_per_epoch)
-  warmup = min(total - 1, round(config.warmup_epochs * steps_per_epoch))
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
-      decay_steps=total, end_value=0.0)
-
-
-def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
-  return optax.adam(learning_rate_schedule(config, steps_per_epoch), b1=config.adam_b1,
-                    b2=config.adam_b2, eps=config.adam_eps)
-
-
-def create_train_state(config, model: nn.Module, mesh, steps_per_epoch: int = 1) -> TrainState:
-  """A fresh state from config.seed, replicated over the mesh. `steps_per_epoch` sets
-  the learning-rate schedule's length; it does not change the state's structure, so
-  any value serves as a template for restoring a checkpoint."""
-  def init(rng):
-    init_rng, dropout_rng = jax.random.split(rng)
-    variables = model.init(init_rng, jnp.zeros((1,) + IMAGE_SHAPE), train=False)
-    ema = ({'params': variables['params'], 'batch_stats': variables['batch_stats']}
-           if config.ema_decay else {})
-    return TrainState.create(apply_fn=model.apply, params=variables['params'],
-                             batch_stats=variables['batch_stats'],
-                             tx=make_optimizer(config, steps_per_epoch), rng=dropout_rng,
-                             nonfinite_step=jnp.array(-1, jnp.int32), ema=ema)
-  return jax.jit(init, out_shardings=sharding.replicated(mesh))(
-      jax.random.PRNGKey(config.seed))
+    return cls(l2_weight=config.l2_weight, label_smoothing=config.label_smoothing,
+               max_shift=config.augment_max_shift,
+               max_rotation=config.augment_max_rotation,
+               max_zoom=config.augment_max_zoom, ema_decay=config.ema_decay,
+               elastic_alpha=config.augment_elastic_alpha,
+               elastic_sigma=config.augment_elastic_sigma)
 
 
 # ---------------------------------------------------------------- the step
@@ -261,11 +146,6 @@ def compile_train_step(config, model, mesh, state: TrainState, feed):
   return step.lower(state, *feed.arg_specs()).compile()
 
 
-def epoch_order(config, epoch: int, num_examples: int) -> jax.Array:
-  """The run's training order in `epoch` (on the device)."""
-  return input_pipeline.epoch_order(config.seed, epoch, num_examples, config.shuffle)
-
-
 # ---------------------------------------------------------------- the loop
 
 
@@ -276,10 +156,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Every check that can fail (config, devices, workdir, data, checkpoint) does so before
   compilation and training.
   """
-  check_config(config)
+  # Checks and mesh.
   mesh = sharding.make_mesh()
-  sharding.check_divisible(config.batch_size, mesh)
-  sharding.check_divisible(config.eval_batch_size, mesh, 'eval_batch_size')
+  config_checks.validate(config, mesh)
   rundir.prepare(workdir)
   with rundir.locked(workdir):
     rundir.write_config(workdir, config)
@@ -287,6 +166,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _train_and_evaluate(config, workdir: str, mesh) -> dict:
+  say = print if jax.process_index() == 0 else (lambda *a, **k: None)
+
   # Data.
   datasets = load_datasets(config)
   train_split = datasets['train']
@@ -295,22 +176,23 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict:
     raise ConfigError(f'batch_size={config.batch_size} is larger than the '
                       f'{len(train_split)} training images.')
 
-  # Model, state, checkpoint.
-  model = make_model(config)
-  eval_model = make_model(config, differentiated=False)
-  state = create_train_state(config, model, mesh, steps_per_epoch)
-  manager = checkpointing.make_manager(workdir, config.max_to_keep)
-  restored = checkpointing.restore_latest(manager, state)
-  if restored is not None:
-    state = restored
-  step = int(state.step)
-  log = MetricsLog(workdir, tensorboard=config.tensorboard)
-  log.keep_until(step)
-  say = print if jax.process_index() == 0 else (lambda *a, **k: None)
-  if config.model_summary:
-    say(model_summary(eval_model))
-  say(describe_run(config, model, eval_model, mesh, state, datasets, steps_per_epoch, step))
+  # Model and state.
+  model = model_factory.make_model(config)
+  eval_model = model_factory.make_model(config, differentiated=False)
   learning_rate = learning_rate_schedule(config, steps_per_epoch)
+  state = create_train_state(config, model, mesh, schedule=learning_rate)
+
+  # Restore.
+  log = MetricsLog(workdir, tensorboard=config.tensorboard)
+  checkpoints = checkpointing.RunCheckpoints(
+      workdir, config.max_to_keep, keep_best='validation' in datasets,
+      previous_records=log.records())
+  state = checkpoints.restore(state)
+  step = int(state.step)
+  log.keep_until(step)
+  if config.model_summary:
+    say(model_factory.model_summary(eval_model))
+  say(describe_run(config, model, eval_model, mesh, state, datasets, steps_per_epoch, step))
 
   # Compile.
   feed = input_pipeline.make_feed(config.input_pipeline, mesh, train_split,
@@ -321,105 +203,71 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict:
   evaluator = Evaluator(eval_model, mesh, config.eval_batch_size)
   recalibrate = BatchNormRecalibrator(eval_model, mesh)
 
-  def save_checkpoint(state, step):
-    """Saves once per step, and never a state that went non-finite (the last good
-    checkpoint stays)."""
-    check_finite(state, manager)
-    if manager.latest_step() != step:
-      checkpointing.save(manager, state)
-
+  # Loop.
   previous = log.records()
   record = previous[-1] if previous else {}  # returned as is if training is complete
-  best_manager = (checkpointing.make_manager(workdir, 1, checkpointing.BEST)
-                  if 'validation' in datasets else None)
-  best_so_far = max((selection_metric(r) for r in previous), default=-1.0)
   with PreemptionGuard() as preemption:
     for epoch in range(step // steps_per_epoch, config.num_epochs):
-      order = epoch_order(config, epoch, len(train_split))
-      skip = step - epoch * steps_per_epoch  # > 0 only when resuming mid-epoch
+      order = input_pipeline.run_epoch_order(config, epoch, len(train_split))
       epoch_start = time.perf_counter()
-      sums, in_flight = None, collections.deque()
       progress = EpochProgress(config.progress, epoch + 1, config.num_epochs,
-                               steps_per_epoch, skip, config.batch_size)
-      for data_args in feed.epoch(order, skip):
-        state, metrics = step_fn(state, *data_args)
-        step += 1
-        sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-        in_flight.append(metrics)
-        if len(in_flight) > sharding.MAX_STEPS_IN_FLIGHT:
-          progress.update(jax.block_until_ready(in_flight.popleft()))
-        if preemption.should_stop(step):
-          progress.close()
-          save_checkpoint(state, step)
-          manager.wait_until_finished()
-          raise Preempted(f'stopped by {preemption.signal_name} at step {step}; the '
-                          f'checkpoint is saved in {manager.directory}/{step}. Run the '
-                          'same command to resume.', preemption.signum)
-        if config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0:
-          save_checkpoint(state, step)
-      sums = jax.device_get(sums)
-      progress.close()
-      check_finite(state, manager)
+                               steps_per_epoch, step - epoch * steps_per_epoch,
+                               config.batch_size)
+      state, step, sums = run_epoch_steps(
+          step_fn, state, step, feed.epoch(order, step - epoch * steps_per_epoch),
+          progress, preemption, checkpoints, config.checkpoint_every_steps)
+      checkpoints.check_finite(state)
       train_seconds = time.perf_counter() - epoch_start
-
-      record = {'epoch': epoch + 1, 'step': step,
-                'train_loss': float(sums['loss_sum'] / sums['count']),
-                'train_l2_penalty': float(sums['l2_sum'] / sums['count']),
-                'train_accuracy': float(sums['correct'] / sums['count'])}
-      record.update(evaluate_splits(config, evaluator, recalibrate, state, datasets,
-                                    order))
-      record['epoch_seconds'] = time.perf_counter() - epoch_start
-      record['train_seconds'] = train_seconds
-      record['train_images_per_second'] = float(sums['count']) / train_seconds
-      record['learning_rate'] = float(learning_rate(step - 1))  # of the epoch's last step
+      record = {'epoch': epoch + 1, 'step': step, **train_metrics(sums)}
+      record.update(evaluate_epoch(config, evaluator, recalibrate, state, datasets, order))
+      record.update(epoch_seconds=time.perf_counter() - epoch_start,
+                    train_seconds=train_seconds,
+                    train_images_per_second=float(sums['count']) / train_seconds,
+                    learning_rate=float(learning_rate(step - 1)))  # the epoch's last step
       host_memory.release_free_host_memory()
       record['host_memory_mib'] = host_memory.host_memory_mib()
-      if best_manager and selection_metric(record) > best_so_far:
-        best_so_far = selection_metric(record)
-        checkpointing.save(best_manager, state)  # replaces the previous best
-        record['best_checkpoint'] = True
+      checkpoints.keep_if_best(state, record)
       log.write(record)
-
       if (epoch + 1) % config.checkpoint_every_epochs == 0 or epoch + 1 == config.num_epochs:
-        save_checkpoint(state, step)
-  for m in (manager, best_manager):
-    if m:
-      m.wait_until_finished()
-      m.close()
+        checkpoints.save(state, step)
+  checkpoints.close()
   log.close()
   return record
 
 
-def selection_metric(record: dict) -> float:
-  """What model selection maximises: validation accuracy (with recalibrated BatchNorm
-  statistics when the run re-estimates them); never test accuracy."""
-  return record.get('validation_accuracy_recalibrated',
-                    record.get('validation_accuracy', -1.0))
+def run_epoch_steps(step_fn, state: TrainState, step: int, epoch_data, progress,
+                    preemption, checkpoints, checkpoint_every_steps: int):
+  """The epoch's train steps from `step` on; returns the state, the step reached and
+  the epoch's summed metrics (on the host). A preemption saves and stops at a step
+  boundary; `checkpoint_every_steps` saves within the epoch."""
+  sums, in_flight = None, collections.deque()
+  for data_args in epoch_data:
+    state, metrics = step_fn(state, *data_args)
+    step += 1
+    sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+    # The in-flight cap: wait for the step before last, so that no more than
+    # MAX_STEPS_IN_FLIGHT steps are queued (see sharding); its metrics feed the bar.
+    in_flight.append(metrics)
+    if len(in_flight) > sharding.MAX_STEPS_IN_FLIGHT:
+      progress.update(jax.block_until_ready(in_flight.popleft()))
+    if preemption.should_stop(step):
+      progress.close()
+      checkpoints.save_and_stop(state, step, preemption)
+    if checkpoint_every_steps and step % checkpoint_every_steps == 0:
+      checkpoints.save(state, step)
+  progress.close()
+  return state, step, jax.device_get(sums)
 
 
-def check_finite(state: TrainState, manager) -> None:
-  """Stops the run if a step saw a NaN or Inf; the train step froze the state there."""
-  bad_step = int(state.nonfinite_step)
-  if bad_step >= 0:
-    manager.wait_until_finished()
-    latest = manager.latest_step()
-    kept = (f'the last good checkpoint, step {latest}, is kept' if latest is not None
-            else 'no checkpoint was written')
-    raise NonFiniteError(
-        f'the loss or its gradients became NaN or Inf at step {bad_step + 1}; training '
-        f'stopped and {kept}. Lower --config.learning_rate or check the data.')
+def train_metrics(sums: dict) -> dict:
+  """The epoch's mean training loss, L2 term and accuracy from its sums."""
+  return {'train_loss': float(sums['loss_sum'] / sums['count']),
+          'train_l2_penalty': float(sums['l2_sum'] / sums['count']),
+          'train_accuracy': float(sums['correct'] / sums['count'])}
 
 
-def evaluation_variables(state: TrainState) -> tuple[Any, Any]:
-  """The weights and BatchNorm statistics a run is evaluated with: their moving
-  averages if the run keeps them (config.ema_decay > 0), else the trained ones."""
-  if state.ema:
-    return state.ema['params'], state.ema['batch_stats']
-  return state.params, state.batch_stats
-
-
-def evaluate_splits(config, evaluator: Evaluator, recalibrate: BatchNormRecalibrator,
-                    state: TrainState, datasets: dict[str, Split], order) -> dict:
+def evaluate_epoch(config, evaluator: Evaluator, recalibrate: BatchNormRecalibrator,
+                   state: TrainState, datasets: dict, order) -> dict:
   """Validation and test metrics of the evaluation weights (`evaluation_variables`)
   with their BatchNorm statistics and, if config.bn_recalibration_batches > 0, with
   ones re-estimated on the first batches of the epoch's training `order`
@@ -431,22 +279,7 @@ def evaluate_splits(config, evaluator: Evaluator, recalibrate: BatchNormRecalibr
     variants['_recalibrated'] = recalibrate(
         params, batch_stats, datasets['train'],
         index_batches[:config.bn_recalibration_batches])
-  record = {}
-  for suffix, batch_stats in variants.items():
-    for name in ('validation', 'test'):
-      if name in datasets:
-        result = evaluator(params, batch_stats, datasets[name])
-        record[f'{name}_loss{suffix}'] = result['loss']
-        record[f'{name}_accuracy{suffix}'] = result['accuracy']
-        record[f'{name}_examples'] = result['examples']
-  return record
-
-
-def model_summary(model: nn.Module) -> str:
-  """Flax's layer table: shapes and parameter counts per layer, 2,624,394 in all."""
-  return nn.tabulate(model, jax.random.PRNGKey(0), depth=1,
-                     console_kwargs={'width': 110, 'force_terminal': False})(
-                         jnp.zeros((1,) + IMAGE_SHAPE), train=False)
+  return evaluate_splits(evaluator, params, variants, datasets)
 
 
 def describe_run(config, model, eval_model, mesh, state, datasets, steps_per_epoch,

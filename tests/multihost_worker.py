@@ -22,7 +22,7 @@ if num_processes > 1:
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import default  # pylint: disable=g-import-not-at-top
-from deepdigits import checkpointing, sharding, train  # pylint: disable=g-import-not-at-top
+from deepdigits import checkpointing, model_factory, sharding, train, train_state  # pylint: disable=g-import-not-at-top
 
 config = default.get_config()
 config.data_dir = data_dir
@@ -34,7 +34,8 @@ config.input_pipeline = feed
 config.model_summary = False
 record = train.train_and_evaluate(config, workdir)
 
-fresh = train.create_train_state(config, train.make_model(config), sharding.make_mesh())
+fresh = train_state.create_train_state(config, model_factory.make_model(config),
+                                       sharding.make_mesh())
 state = checkpointing.restore_latest(checkpointing.make_manager(workdir, 3), fresh)
 leaves = jax.tree_util.tree_flatten_with_path((state.params, state.batch_stats))[0]
 np.savez(out, **{jax.tree_util.keystr(path): np.asarray(leaf.addressable_data(0))

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from conftest import tiny_config
-from deepdigits import benchmark, conv_benchmark
 from deepdigits.model import CONV_IMPLS, Conv3x3
+from deepdigits.tools import benchmark, conv_benchmark
 
 
 def test_benchmark_runs_on_a_tiny_config_and_prints_its_fields(capsys, tiny_mnist_dir):
@@ -22,7 +22,8 @@ def test_benchmark_runs_on_a_tiny_config_and_prints_its_fields(capsys, tiny_mnis
   images_per_step = result['train_ms_per_step'] * result['train_images_per_second'] / 1000
   assert abs(images_per_step - 16) < 1e-6
   assert result['host_page_faults_per_step'] >= 0
-  for line in ('train step:', 'page faults per train step', 'input pipeline (device feed) alone:', 'eval step:', 'peak host memory:',
+  for line in ('train step:', 'page faults per train step',
+               'input pipeline (device feed) alone:', 'eval step:', 'peak host memory:',
                'dtype float32', '8 x cpu', 'RESULT framework=deepdigits-jax batch=16'):
     assert line in out, line
 

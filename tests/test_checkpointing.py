@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from deepdigits import checkpointing, sharding, train
+from deepdigits import checkpointing, model_factory, sharding, train, train_state
 from deepdigits.errors import CheckpointError
 from deepdigits.model import DeepDigitsCNN
 
 
 def _state(config, model=None):
   mesh = sharding.make_mesh()
-  model = model or train.make_model(config)
-  return train.create_train_state(config, model, mesh)
+  model = model or model_factory.make_model(config)
+  return train_state.create_train_state(config, model, mesh)
 
 
 def assert_trees_equal(a, b):

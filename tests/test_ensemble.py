@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from conftest import REPO, tiny_config
-from deepdigits import ensemble, inference, preprocess, rundir, train
+from deepdigits import inference, preprocess, rundir, train
 from deepdigits.data import load_datasets, read_idx_split
 from deepdigits.errors import ConfigError
 from deepdigits.metrics_log import MetricsLog
+from deepdigits.tools import ensemble
 
 
 def test_the_mean_of_probabilities_can_be_right_where_every_member_is_wrong():
@@ -76,7 +77,7 @@ def test_members_must_share_the_test_set(runs, tmp_path, mnist_dir):
 
 
 def test_the_command_scores_members_and_their_mean(runs, tiny_mnist_dir):
-  result = subprocess.run([sys.executable, '-m', 'deepdigits.ensemble', str(runs)],
+  result = subprocess.run([sys.executable, '-m', 'deepdigits.tools.ensemble', str(runs)],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-2000:]
   saved = json.loads((runs / 'ensemble.json').read_text())
@@ -161,7 +162,7 @@ def test_members_with_normalised_widths_each_see_their_own_images(runs, tmp_path
 
 
 def test_the_command_stops_on_a_folder_without_runs(tmp_path):
-  result = subprocess.run([sys.executable, '-m', 'deepdigits.ensemble', str(tmp_path)],
+  result = subprocess.run([sys.executable, '-m', 'deepdigits.tools.ensemble', str(tmp_path)],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1] == (

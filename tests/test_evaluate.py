@@ -6,11 +6,11 @@ import json
 import re
 
 import pytest
+from test_main import run_main
 
 from conftest import tiny_config
-from deepdigits import inference, rundir, train
+from deepdigits import config_checks, inference, model_factory, rundir, train
 from deepdigits.metrics_log import MetricsLog
-from test_main import run_main
 
 
 @pytest.fixture(scope='module')
@@ -87,5 +87,5 @@ def test_a_config_recorded_before_later_fields_reads_with_their_old_values(tmp_p
   (tmp_path / rundir.CONFIG_NAME).write_text(json.dumps(recorded))
   config = rundir.read_config(str(tmp_path))
   assert config.bn_group_size == 0 and config.width_normalization == 0
-  train.check_config(config)
-  assert train.make_model(config).bn_group_size == 0
+  config_checks.check_values(config)
+  assert model_factory.make_model(config).bn_group_size == 0

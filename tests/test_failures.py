@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, tiny_config
-from deepdigits import checkpointing, rundir, sharding, train
+from deepdigits import checkpointing, model_factory, rundir, sharding, train, train_state
 from deepdigits.errors import ConfigError, NonFiniteError
 
 TIMING_KEYS = {'epoch_seconds', 'train_seconds', 'train_images_per_second',
@@ -22,10 +22,10 @@ TIMING_KEYS = {'epoch_seconds', 'train_seconds', 'train_images_per_second',
 
 def restore(workdir, config):
   manager = checkpointing.make_manager(str(workdir), max_to_keep=10)
-  model = train.make_model(config)
+  model = model_factory.make_model(config)
   try:
     return checkpointing.restore_latest(
-        manager, train.create_train_state(config, model, sharding.make_mesh()))
+        manager, train_state.create_train_state(config, model, sharding.make_mesh()))
   finally:
     manager.close()
 

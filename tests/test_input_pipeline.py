@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from deepdigits import input_pipeline, sharding, train
+from deepdigits import input_pipeline, model_factory, sharding, train, train_state
 from deepdigits.data import Split
 
 
@@ -52,12 +52,12 @@ def test_device_feed_visits_every_example_once_per_epoch(split):
 def test_device_and_host_feeds_train_to_the_same_parameters(split):
   config = tiny_config('', batch_size=64)
   mesh = sharding.make_mesh()
-  model = train.make_model(config)
+  model = model_factory.make_model(config)
   order = input_pipeline.epoch_order(0, 0, len(split))
   results = {}
   for kind in input_pipeline.FEEDS:
     feed = input_pipeline.make_feed(kind, mesh, split, config.batch_size)
-    state = train.create_train_state(config, model, mesh)
+    state = train_state.create_train_state(config, model, mesh)
     step_fn = train.compile_train_step(config, model, mesh, state, feed)
     for data_args in itertools.islice(feed.epoch(order, 0), 3):  # the first 3 steps
       state, metrics = step_fn(state, *data_args)

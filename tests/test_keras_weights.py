@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 
 from conftest import REPO, tiny_config
-from deepdigits import inference, keras_weights, rundir, train
+from deepdigits import inference, model_factory, rundir
 from deepdigits.data import scale_images
 from deepdigits.errors import CheckpointError, KerasWeightsError
+from deepdigits.tools import keras_weights
 
 os.environ['KERAS_BACKEND'] = 'jax'  # before keras is imported: no TensorFlow needed
 keras = pytest.importorskip('keras')
@@ -87,7 +88,7 @@ def keras_files(tmp_path_factory, mnist):
 def test_flax_logits_match_keras(keras_files, form):
   variables = keras_weights.load_keras_weights(keras_files['paths'][form])
   assert sum(x.size for x in jax.tree.leaves(variables)) == 2_624_394
-  model = train.make_model(tiny_config(''), differentiated=False)
+  model = model_factory.make_model(tiny_config(''), differentiated=False)
   logits = model.apply(variables, scale_images(keras_files['images']), train=False)
   assert np.ptp(keras_files['logits']) > 0.5  # the comparison is not of near-constants
   np.testing.assert_allclose(logits, keras_files['logits'], atol=1e-4, rtol=1e-4)
@@ -108,7 +109,7 @@ def test_the_written_workdir_predicts_like_keras(keras_files, tmp_path):
 
 def test_the_command_writes_a_workdir(keras_files, tmp_path):
   result = subprocess.run(
-      [sys.executable, '-m', 'deepdigits.keras_weights', '--config=configs/default.py',
+      [sys.executable, '-m', 'deepdigits.tools.keras_weights', '--config=configs/default.py',
        f'--keras_weights={keras_files["paths"]["weights.h5"]}', f'--workdir={tmp_path}'],
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]

@@ -2,16 +2,21 @@
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import flax.linen as nn
-
-from deepdigits import onednn_conv
-from deepdigits.model import (L2_REGULARIZED_KERNELS, DeepDigitsCNN, PerGroupBatchNorm,
-                              conv3x3_shifted_matmul, l2_penalty, max_pool_2x2_strided)
+from deepdigits.model import (
+  L2_REGULARIZED_KERNELS,
+  DeepDigitsCNN,
+  PerGroupBatchNorm,
+  conv3x3_shifted_matmul,
+  l2_penalty,
+  max_pool_2x2_strided,
+)
+from deepdigits.ops import onednn_conv
 
 
 @pytest.fixture(scope='module')

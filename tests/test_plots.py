@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
-from deepdigits import inference, plots
+from deepdigits import inference
 from deepdigits.data import read_idx_split
+from deepdigits.tools import plots
 
 PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
 
@@ -115,7 +116,7 @@ def test_curves_show_validation_and_recalibrated_test_when_recorded():
 
 
 def run_plots(*args):
-  return subprocess.run([sys.executable, '-m', 'deepdigits.plots', *args], cwd=REPO,
+  return subprocess.run([sys.executable, '-m', 'deepdigits.tools.plots', *args], cwd=REPO,
                         env=dict(os.environ), capture_output=True, text=True, timeout=600)
 
 

@@ -12,8 +12,9 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
-from deepdigits import inference, predict, preprocess
+from deepdigits import inference, preprocess
 from deepdigits.errors import ImageError
+from deepdigits.tools import predict
 
 NUM_DIGITS = 200
 
@@ -139,7 +140,7 @@ def test_bad_files_are_reported_and_the_others_predicted(mnist, tiny_trained_wor
          'folder.png': 'is a directory'}
   paths = [str(tmp_path / name) for name in bad] + [str(good)]
   result = subprocess.run(
-      [sys.executable, '-m', 'deepdigits.predict', f'--workdir={tiny_trained_workdir}',
+      [sys.executable, '-m', 'deepdigits.tools.predict', f'--workdir={tiny_trained_workdir}',
        *paths], cwd=REPO, env=dict(os.environ), capture_output=True, text=True,
       timeout=600)
   assert result.returncode == 1

@@ -8,7 +8,16 @@ import optax
 import pytest
 
 from conftest import tiny_config
-from deepdigits import augment, inference, train
+from deepdigits import (
+  augment,
+  checkpointing,
+  config_checks,
+  inference,
+  model_factory,
+  sharding,
+  train,
+  train_state,
+)
 from deepdigits.data import scale_images
 from deepdigits.errors import ConfigError
 
@@ -85,14 +94,14 @@ def test_whole_pixel_shift_moves_the_digit_exactly(images):
 def test_cosine_schedule_values():
   config = tiny_config('', lr_schedule='cosine', learning_rate=1e-3, num_epochs=10,
                        warmup_epochs=1.0)
-  schedule = train.learning_rate_schedule(config, steps_per_epoch=100)
+  schedule = train_state.learning_rate_schedule(config, steps_per_epoch=100)
   assert float(schedule(0)) == 0.0
   np.testing.assert_allclose(schedule(50), 5e-4, rtol=1e-6)  # half-way up the warm-up
   np.testing.assert_allclose(schedule(100), 1e-3, rtol=1e-6)  # the peak
   # Cosine from the peak at step 100 to 0 at step 1000: half-way is half the peak.
   np.testing.assert_allclose(schedule(550), 5e-4, rtol=1e-5)
   np.testing.assert_allclose(schedule(1000), 0.0, atol=1e-12)
-  constant = train.learning_rate_schedule(tiny_config('', learning_rate=3e-3), 100)
+  constant = train_state.learning_rate_schedule(tiny_config('', learning_rate=3e-3), 100)
   assert float(constant(0)) == float(constant(999)) == 3e-3
 
 
@@ -130,7 +139,7 @@ def test_recipe_fields_are_checked():
                     {'augment_elastic_alpha': 34.0, 'augment_elastic_sigma': 0.0},
                     {'warmup_epochs': 5.0}):
     with pytest.raises(ConfigError):
-      train.check_config(tiny_config('', **overrides))
+      config_checks.check_values(tiny_config('', **overrides))
 
 
 def test_a_run_with_the_whole_recipe_evaluates_the_averaged_weights(tiny_mnist_dir, tmp_path):
@@ -149,10 +158,10 @@ def test_a_run_with_the_whole_recipe_evaluates_the_averaged_weights(tiny_mnist_d
                              record['test_accuracy'], atol=1e-6)
   assert raw.params is not None
   # The averaged weights differ from the last trained ones.
-  from deepdigits import checkpointing, sharding  # pylint: disable=g-import-not-at-top
   state = checkpointing.restore_latest(
       checkpointing.make_manager(str(tmp_path), 3),
-      train.create_train_state(config, train.make_model(config), sharding.make_mesh()))
+      train_state.create_train_state(config, model_factory.make_model(config),
+                                       sharding.make_mesh()))
   difference = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), state.ema['params'],
                             state.params)
   assert max(jax.tree.leaves(difference)) > 1e-4

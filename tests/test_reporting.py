@@ -9,7 +9,7 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from conftest import tiny_config
-from deepdigits import metrics_log, train
+from deepdigits import metrics_log, model_factory, train
 
 
 def read_scalars(workdir) -> dict[str, list[tuple[int, float]]]:
@@ -81,7 +81,8 @@ def test_progress_bar_shows_on_a_terminal_only(monkeypatch):
 
 
 def test_model_summary_lists_the_layers_and_the_total():
-  summary = train.model_summary(train.make_model(tiny_config(''), differentiated=False))
+  model = model_factory.make_model(tiny_config(''), differentiated=False)
+  summary = model_factory.model_summary(model)
   assert 'Total Parameters: 2,624,394' in summary
   for layer in ('conv1', 'conv4', 'bn6', 'dense1', 'logits'):
     assert layer in summary

@@ -8,9 +8,10 @@ import sys
 import pytest
 
 from conftest import REPO, tiny_config
-from deepdigits import seeds, train
+from deepdigits import train
 from deepdigits.errors import ConfigError
 from deepdigits.metrics_log import MetricsLog
+from deepdigits.tools import seeds
 
 
 @pytest.mark.parametrize('text,expected', [
@@ -119,7 +120,7 @@ def test_two_tiny_seeds_are_tabled_from_their_metrics_and_a_rerun_skips(
 ])
 def test_the_command_stops_on_bad_seeds_with_one_line(args, message, tmp_path):
   result = subprocess.run(
-      [sys.executable, '-m', 'deepdigits.seeds', '--config=configs/cpu_quick.py',
+      [sys.executable, '-m', 'deepdigits.tools.seeds', '--config=configs/cpu_quick.py',
        f'--workdir={tmp_path}', *args],
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 1

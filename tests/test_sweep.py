@@ -10,8 +10,9 @@ import sys
 import pytest
 
 from conftest import REPO, tiny_config
-from deepdigits import rundir, sweep, train
+from deepdigits import rundir, train
 from deepdigits.errors import ConfigError, DeepDigitsError, NonFiniteError
+from deepdigits.tools import sweep
 
 
 def test_grid_points_are_the_cartesian_product_with_readable_names():
@@ -183,7 +184,7 @@ def test_a_failing_point_is_reported_and_the_others_still_run(tmp_path, monkeypa
 
 def test_the_command_stops_on_a_bad_grid_with_one_line(tmp_path):
   result = subprocess.run(
-      [sys.executable, '-m', 'deepdigits.sweep', '--config=configs/cpu_quick.py',
+      [sys.executable, '-m', 'deepdigits.tools.sweep', '--config=configs/cpu_quick.py',
        f'--workdir={tmp_path}', '--grid', 'learning_rate=1e-3', '--grid', 'batchsize=1'],
       cwd=REPO, capture_output=True, text=True, timeout=300)
   assert result.returncode == 1

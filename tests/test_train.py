@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import Mesh
 
 from conftest import REPO, tiny_config
-from deepdigits import input_pipeline, sharding, train
+from deepdigits import config_checks, input_pipeline, model_factory, sharding, train, train_state
 from deepdigits.data import Split, scale_images
 from deepdigits.errors import ConfigError
 from deepdigits.evaluate import BatchNormRecalibrator, Evaluator
@@ -31,8 +31,8 @@ def batch(mnist):
 @pytest.fixture(scope='module')
 def model_and_state():
   config = tiny_config('')
-  model = train.make_model(config)
-  return model, train.create_train_state(config, model, mesh_of(1))
+  model = model_factory.make_model(config)
+  return model, train_state.create_train_state(config, model, mesh_of(1))
 
 
 def test_eight_fake_devices_are_present():
@@ -75,8 +75,8 @@ def test_one_and_eight_devices_give_the_same_loss_gradients_and_batch_stats(
 def test_train_steps_on_a_fixed_batch_drive_the_loss_down(batch):
   config = tiny_config('')
   mesh = mesh_of(8)
-  model = train.make_model(config)
-  state = train.create_train_state(config, model, mesh)
+  model = model_factory.make_model(config)
+  state = train_state.create_train_state(config, model, mesh)
   feed = input_pipeline.HostFeed(mesh, Split(*batch), config.batch_size)
   step = train.compile_train_step(config, model, mesh, state, feed)
   images, labels = sharding.global_batch(mesh, *batch)
@@ -151,40 +151,40 @@ def test_bad_config_values_fail_with_clear_errors():
                                 ('bn_group_size', 24,
                                  'bn_group_size=24 does not divide batch_size=64')):
     with pytest.raises(ConfigError, match=message):
-      train.check_config(tiny_config('', **{field: value}))
+      config_checks.check_values(tiny_config('', **{field: value}))
 
 
 def test_onednn_convs_are_refused_where_they_cannot_run_and_auto_avoids_them():
   with pytest.raises(ConfigError, match="conv_impl='onednn' computes in float32, not "
                                         'bfloat16'):
-    train.check_config(tiny_config('', conv_impl='onednn', dtype='bfloat16'))
+    config_checks.check_values(tiny_config('', conv_impl='onednn', dtype='bfloat16'))
   # The tests' 8 CPU devices in one process: oneDNN would deadlock there.
   with pytest.raises(ConfigError, match="conv_impl='onednn' needs one CPU device per "
                                         'process, not 8'):
-    train.check_config(tiny_config('', conv_impl='onednn'))
-  assert train.make_model(tiny_config('')).conv_impl == 'shifted_matmul'
-  assert train.make_model(tiny_config(''), differentiated=False).conv_impl == 'native'
+    config_checks.check_values(tiny_config('', conv_impl='onednn'))
+  assert model_factory.make_model(tiny_config('')).conv_impl == 'shifted_matmul'
+  assert model_factory.make_model(tiny_config(''), differentiated=False).conv_impl == 'native'
 
 
 def test_without_the_built_onednn_convs_auto_falls_back_and_onednn_says_why(monkeypatch):
   monkeypatch.setattr(jax, 'local_device_count', lambda: 1)
-  monkeypatch.setattr(train.onednn_conv, 'is_available', lambda: False)
-  monkeypatch.setattr(train.onednn_conv, 'unavailable_reason',
-                      lambda: 'deepdigits/onednn_conv.cc was not built')
-  assert train.make_model(tiny_config('')).conv_impl == 'shifted_matmul'
+  monkeypatch.setattr(model_factory.onednn_conv, 'is_available', lambda: False)
+  monkeypatch.setattr(model_factory.onednn_conv, 'unavailable_reason',
+                      lambda: 'deepdigits/ops/onednn_conv.cc was not built')
+  assert model_factory.make_model(tiny_config('')).conv_impl == 'shifted_matmul'
   with pytest.raises(ConfigError, match="conv_impl='onednn' is not available: "
-                                        'deepdigits/onednn_conv.cc was not built'):
-    train.check_config(tiny_config('', conv_impl='onednn'))
+                                        'deepdigits/ops/onednn_conv.cc was not built'):
+    config_checks.check_values(tiny_config('', conv_impl='onednn'))
 
 
 def test_auto_trains_with_onednn_convs_on_one_cpu_device():
   """On the machine as it is (one CPU device), `auto` picks the built oneDNN kernels."""
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  script = ('import jax; from configs import default; from deepdigits import train; '
+  script = ('import jax; from configs import default; from deepdigits import model_factory; '
             'fp32 = default.get_config(); bf16 = default.get_config(); '
             "bf16.dtype = 'bfloat16'; "
-            'print(jax.local_device_count(), train.make_model(fp32).conv_impl, '
-            'train.make_model(bf16).conv_impl)')
+            'print(jax.local_device_count(), model_factory.make_model(fp32).conv_impl, '
+            'model_factory.make_model(bf16).conv_impl)')
   result = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]

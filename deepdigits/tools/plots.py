@@ -1,4 +1,4 @@
-"""Figures of a finished run: `python -m deepdigits.plots --workdir=DIR`.
+"""Figures of a finished run: `python -m deepdigits.tools.plots --workdir=DIR`.
 
 Writes PNGs into workdir/plots/: `curves.png` (accuracy and loss per epoch, the
 original project's figure), `confusion.png` (true against predicted digit, all test

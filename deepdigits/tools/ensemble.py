@@ -1,5 +1,6 @@
-"""Ensembles of trained runs: `python -m deepdigits.ensemble [--checkpoint=best] DIR1 DIR2 ...`
-(or the folder of `deepdigits.seeds`, which stands for its seeds' workdirs).
+"""Ensembles of trained runs:
+`python -m deepdigits.tools.ensemble [--checkpoint=best] DIR1 DIR2 ...`
+(or the folder of `deepdigits.tools.seeds`, which stands for its seeds' workdirs).
 
 Each member predicts every test image with its own config (`inference.load_trained`:
 recalibrated BatchNorm statistics if its run recalibrated), seen as its run saw them
@@ -52,7 +53,7 @@ def combine(member_logits: Sequence[np.ndarray], labels: np.ndarray) -> dict:
   probabilities; the log of the mean is taken stably (log-sum-exp)."""
   if not member_logits:
     raise ValueError('an ensemble needs at least one member')
-  log_probs = np.stack([log_softmax(l) for l in member_logits])
+  log_probs = np.stack([log_softmax(logits) for logits in member_logits])
   mean_log_probs = np.logaddexp.reduce(log_probs, axis=0) - np.log(len(log_probs))
   return {'members': [scores(lp, labels) for lp in log_probs],
           'ensemble': scores(mean_log_probs, labels)}
@@ -123,13 +124,13 @@ def evaluate_ensemble(workdirs: Sequence[str], checkpoint: str = 'latest',
       validation = None
     say(f'ensemble: {workdir}: step {trained.step}, {len(test):,} test images')
     # Each member sees the images as its own run did (e.g. its width normalisation).
-    member_logits = lambda split: inference.predict_logits(
+    member_logits = lambda split, trained=trained: inference.predict_logits(
         trained, as_network_input(split.images, trained.config))
     test_logits.append(member_logits(test))
     if validation is not None:
       validation_logits.append(member_logits(validation))
     members.append({'workdir': workdir, 'step': trained.step})
-    del trained
+    del trained, member_logits
   result = combine(test_logits, test.labels)
   for member, member_scores in zip(members, result['members']):
     member.update(member_scores)

@@ -1,5 +1,5 @@
 """Times each convolution of the network alone, forward and backward, in every
-`conv_impl`: `python -m deepdigits.conv_benchmark --config=configs/mnist_tpu.py`.
+`conv_impl`: `python -m deepdigits.tools.conv_benchmark --config=configs/mnist_tpu.py`.
 
 Where the train step's time goes, layer by layer, and which implementation is fastest
 for each on this machine: the evidence behind `conv_impl='auto'`. Each layer is the
@@ -19,7 +19,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from deepdigits import train
+from deepdigits import config_checks, model_factory
 from deepdigits.cli import loaded_config, run_command
 from deepdigits.data import IMAGE_SHAPE
 from deepdigits.model import CONV_IMPLS, Conv3x3
@@ -47,7 +47,7 @@ class ConvLayer:
 def conv_layers(config) -> list[ConvLayer]:
   """The network's convolutions at `config.batch_size`, in order, found by tracing the
   train-step model (shapes only, no arithmetic)."""
-  model = train.make_model(config)
+  model = model_factory.make_model(config)
   found = []
 
   def record(next_fun, args, kwargs, context):
@@ -104,8 +104,8 @@ def time_layer(layer: ConvLayer, impls, dtype, calls: int, windows: int) -> dict
 def run_conv_benchmark(config, calls: int = 3, windows: int = 5,
                        impls=CONV_IMPLS) -> dict:
   """Per-layer seconds and GFLOP/s for each impl (also printed as a table)."""
-  train.check_config(config)
-  dtype = train.DTYPES[config.dtype]
+  config_checks.check_values(config)
+  dtype = model_factory.DTYPES[config.dtype]
   layers = conv_layers(config)
   rows = []
   for layer in layers:

@@ -3,7 +3,7 @@
 XLA's CPU backend has no oneDNN convolution of its own: its native convolution is slow
 to differentiate, and the shifted-view matmuls copy nine views of every input. oneDNN's
 direct convolutions (the ones Keras/TensorFlow and PyTorch run on this CPU) need no
-copies. `deepdigits/onednn_conv.cc`, built by `pip install` (setup.py), wraps the
+copies. `deepdigits/ops/onednn_conv.cc`, built by `pip install` (setup.py), wraps the
 forward, input-gradient and kernel-gradient primitives as XLA FFI handlers; this module
 loads it, registers the handlers, and ties them together with a custom VJP. CPU and
 float32 only; on TPU/GPU the native convolution is the one to use.
@@ -44,7 +44,7 @@ def _load() -> tuple[Optional[ctypes.CDLL], str]:
                   "deepdigits on Linux x86-64: pip install -e '.[dev]')")
   built = glob.glob(os.path.join(os.path.dirname(__file__), '_onednn_conv*.so'))
   if not built:
-    return None, ('deepdigits/onednn_conv.cc was not built: reinstall with '
+    return None, ('deepdigits/ops/onednn_conv.cc was not built: reinstall with '
                   "pip install -e '.[dev]' (it needs a C++17 compiler)")
   try:
     # Loaded globally first, so that the extension's link to libdnnl.so.3 resolves to it.

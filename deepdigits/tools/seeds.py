@@ -1,9 +1,9 @@
-"""The same config over several seeds: `python -m deepdigits.seeds --config=... --workdir=DIR
+"""The same config over several seeds: `python -m deepdigits.tools.seeds --config=... --workdir=DIR
 --seeds=0,1,2` (or `--seeds=0..4`, or `--num_seeds=5`).
 
 One accuracy says little when seeds differ by a tenth of a percent; the mean and the
 sample standard deviation over seeds say how far two recipes really are apart. The seeds
-run as a sweep over `seed` (`deepdigits.sweep`: one workdir per seed, `DIR/seed=0`, in
+run as a sweep over `seed` (`deepdigits.tools.sweep`: one workdir per seed, `DIR/seed=0`, in
 this process, resumable, finished seeds skipped); the per-seed table and its mean and
 standard deviation go to `DIR/seeds.md` and `DIR/seeds.json`, rewritten after every seed.
 """
@@ -17,10 +17,10 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from deepdigits import sweep
 from deepdigits.cli import loaded_config, run_command
 from deepdigits.errors import ConfigError
 from deepdigits.metrics_log import MetricsLog
+from deepdigits.tools import sweep
 
 SEEDS_MD = 'seeds.md'
 SEEDS_JSON = 'seeds.json'

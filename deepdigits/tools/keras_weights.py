@@ -1,5 +1,5 @@
 """Weights of the original Keras model in DeepDigitsCNN: `load_keras_weights(path)`, and
-`python -m deepdigits.keras_weights --keras_weights=FILE --config=... --workdir=DIR`,
+`python -m deepdigits.tools.keras_weights --keras_weights=FILE --config=... --workdir=DIR`,
 which writes them as a checkpoint that `inference.load_trained(DIR)` reads.
 
 Reads the HDF5 with h5py, so Keras is not needed. Three files are understood:
@@ -31,12 +31,11 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from deepdigits import checkpointing, rundir, sharding, train
+from deepdigits import checkpointing, config_checks, model_factory, rundir, sharding, train_state
 from deepdigits.cli import loaded_config, run_command
 from deepdigits.data import IMAGE_SHAPE
 from deepdigits.errors import CheckpointError, KerasWeightsError
 from deepdigits.model import DeepDigitsCNN
-
 
 # The Flax layers of each kind, in the order of the Keras Sequential.
 FLAX_LAYERS = {
@@ -193,7 +192,7 @@ def write_workdir(variables: dict, config: ml_collections.ConfigDict,
                   workdir: str) -> str:
   """Writes the variables as a step-0 checkpoint of a fresh train state, with the
   config, so that workdir reads like a trained run's; returns the checkpoint path."""
-  train.check_config(config)
+  config_checks.check_values(config)
   mesh = sharding.make_mesh()
   rundir.prepare(workdir)
   with rundir.locked(workdir):
@@ -201,7 +200,7 @@ def write_workdir(variables: dict, config: ml_collections.ConfigDict,
     if os.path.isdir(checkpoints) and os.listdir(checkpoints):
       raise CheckpointError(f'{checkpoints} already holds checkpoints; pick a new '
                             '--workdir.')
-    state = train.create_train_state(config, train.make_model(config), mesh)
+    state = train_state.create_train_state(config, model_factory.make_model(config), mesh)
     replicated = sharding.replicated(mesh)
     state = state.replace(params=jax.device_put(variables['params'], replicated),
                           batch_stats=jax.device_put(variables['batch_stats'], replicated))

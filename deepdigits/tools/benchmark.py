@@ -1,8 +1,10 @@
-"""Times the trainer's own train and eval steps: `python -m deepdigits.benchmark --config=...`.
+"""Times the trainer's own train and eval steps:
+`python -m deepdigits.tools.benchmark --config=...`.
 
 The train step is the one `train_and_evaluate` compiles, fed by the same feed
 (`input_pipeline`, `--config.input_pipeline=device|host`) in the same loop; the eval
-figure is `Evaluator` over whole batches. Each figure is the median of several timed windows after a warm-up window.
+figure is `Evaluator` over whole batches. Each figure is the median of several timed
+windows after a warm-up window.
 With `--config.data_dir` the real MNIST training images are used, else random bytes
 (the speed does not depend on the pixel values).
 """
@@ -17,7 +19,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from deepdigits import input_pipeline, sharding, train
+from deepdigits import config_checks, input_pipeline, model_factory, sharding, train, train_state
 from deepdigits.cli import loaded_config, run_command
 from deepdigits.data import IMAGE_SHAPE, Split, read_idx_split
 from deepdigits.evaluate import Evaluator
@@ -56,18 +58,17 @@ def benchmark_images(config, num_images: int) -> Split:
 
 def run_benchmark(config, steps: int, windows: int, eval_batches: int) -> dict:
   """Measures and returns the figures (also printed)."""
-  train.check_config(config)
   mesh = sharding.make_mesh()
-  sharding.check_divisible(config.batch_size, mesh)
-  model = train.make_model(config)
-  state = train.create_train_state(config, model, mesh)
+  config_checks.validate(config, mesh)
+  model = model_factory.make_model(config)
+  state = train_state.create_train_state(config, model, mesh)
   images = benchmark_images(config, max(steps * config.batch_size,
                                         eval_batches * config.eval_batch_size))
   feed = input_pipeline.make_feed(config.input_pipeline, mesh,
                                   Split(images.images[:steps * config.batch_size],
                                         images.labels[:steps * config.batch_size]),
                                   config.batch_size)
-  order = train.epoch_order(config, 0, feed.num_examples)
+  order = input_pipeline.run_epoch_order(config, 0, feed.num_examples)
 
   start = time.perf_counter()
   step_fn = train.compile_train_step(config, model, mesh, state, feed)
@@ -97,7 +98,7 @@ def run_benchmark(config, steps: int, windows: int, eval_batches: int) -> dict:
   page_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
   input_seconds = timed_windows(input_window, windows)
 
-  eval_model = train.make_model(config, differentiated=False)
+  eval_model = model_factory.make_model(config, differentiated=False)
   evaluator = Evaluator(eval_model, mesh, config.eval_batch_size)
   eval_split = Split(images.images[:eval_batches * config.eval_batch_size],
                      images.labels[:eval_batches * config.eval_batch_size])
@@ -114,7 +115,8 @@ def run_benchmark(config, steps: int, windows: int, eval_batches: int) -> dict:
       'devices': jax.device_count(), 'device_kind': jax.devices()[0].device_kind,
       'dtype': config.dtype, 'conv_impl': model.conv_impl, 'pool_impl': model.pool_impl,
       'eval_conv_impl': eval_model.conv_impl,
-      'input_pipeline': feed.kind, 'batch_size': config.batch_size, 'eval_batch_size': config.eval_batch_size,
+      'input_pipeline': feed.kind, 'batch_size': config.batch_size,
+      'eval_batch_size': config.eval_batch_size,
       'train_compile_seconds': compile_seconds,
       'train_images_per_second': statistics.median(train_rate),
       'train_ms_per_step': 1000 * statistics.median(train_seconds) / steps,

@@ -1,4 +1,5 @@
-"""Predicts the digit in image files: `python -m deepdigits.predict --workdir=DIR a.png b.jpg`.
+"""Predicts the digit in image files:
+`python -m deepdigits.tools.predict --workdir=DIR a.png b.jpg`.
 
 Each file is read as grey levels and made into an MNIST image (`deepdigits.preprocess`):
 a 28x28 image is taken as already in MNIST format (only inverted if its background is

@@ -1,4 +1,4 @@
-"""Hyperparameter sweeps: `python -m deepdigits.sweep --config=... --workdir=DIR
+"""Hyperparameter sweeps: `python -m deepdigits.tools.sweep --config=... --workdir=DIR
 --grid 'learning_rate=1e-3,3e-3' --grid 'batch_size=128,512'`.
 
 The cartesian product of the grids, one workdir per point (`DIR/learning_rate=0.001,
@@ -25,7 +25,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from deepdigits import rundir, sharding, train
+from deepdigits import config_checks, rundir, sharding, train
 from deepdigits.cli import loaded_config, run_command
 from deepdigits.errors import ConfigError, DeepDigitsError
 from deepdigits.metrics_log import MetricsLog
@@ -161,9 +161,7 @@ def plan(config: ml_collections.ConfigDict, workdir: str,
     name = point_name(values)
     cfg = point_config(config, values)
     try:
-      train.check_config(cfg)
-      sharding.check_divisible(cfg.batch_size, mesh)
-      sharding.check_divisible(cfg.eval_batch_size, mesh, 'eval_batch_size')
+      config_checks.validate(cfg, mesh)
     except ConfigError as e:
       raise ConfigError(f'point {name}: {e}') from None
     point_dir = os.path.join(workdir, name)

@@ -1,0 +1,64 @@
+"""One check of a config before any work, shared by the trainer and every command that
+trains or benchmarks (sweep and seeds check each point with it)."""
+
+from typing import Optional
+
+import ml_collections
+from jax.sharding import Mesh
+
+from deepdigits import input_pipeline, model_factory, sharding
+from deepdigits.data import IMAGE_SHAPE
+from deepdigits.errors import ConfigError
+from deepdigits.model import CONV_IMPLS, POOL_IMPLS
+from deepdigits.train_state import LR_SCHEDULES
+
+
+def validate(config: ml_collections.ConfigDict, mesh: Optional[Mesh] = None) -> None:
+  """Raises ConfigError naming the field and the fix for a value that cannot train, and,
+  given the mesh, for batch sizes that do not split over its devices."""
+  check_values(config)
+  if mesh is not None:
+    sharding.check_divisible(config.batch_size, mesh)
+    sharding.check_divisible(config.eval_batch_size, mesh, 'eval_batch_size')
+
+
+def check_values(config: ml_collections.ConfigDict) -> None:
+  """Rejects values that would fail later or train nonsense (no devices needed)."""
+  positive = ('batch_size', 'eval_batch_size', 'learning_rate', 'checkpoint_every_epochs',
+              'max_to_keep')
+  non_negative = ('num_epochs', 'validation_size', 'train_subset',
+                  'bn_recalibration_batches', 'l2_weight', 'checkpoint_every_steps',
+                  'warmup_epochs', 'augment_max_shift', 'augment_max_rotation',
+                  'augment_elastic_alpha', 'bn_group_size')
+  for name in positive:
+    if not config[name] > 0:
+      raise ConfigError(f'--config.{name}={config[name]} must be > 0.')
+  for name in non_negative:
+    if config[name] < 0:
+      raise ConfigError(f'--config.{name}={config[name]} must be >= 0.')
+  for name in ('label_smoothing', 'ema_decay', 'augment_max_zoom'):
+    if not 0 <= config[name] < 1:
+      raise ConfigError(f'--config.{name}={config[name]} must be in [0, 1).')
+  if config.augment_elastic_alpha and not config.augment_elastic_sigma > 0:
+    raise ConfigError(f'--config.augment_elastic_sigma={config.augment_elastic_sigma} '
+                      'must be > 0 when augment_elastic_alpha is set.')
+  if not 0 <= config.width_normalization <= IMAGE_SHAPE[1]:
+    raise ConfigError(f'--config.width_normalization={config.width_normalization} must '
+                      f'be 0 (off) or a width in pixels, 1..{IMAGE_SHAPE[1]}.')
+  if config.bn_group_size and config.batch_size % config.bn_group_size:
+    raise ConfigError(f'--config.bn_group_size={config.bn_group_size} does not divide '
+                      f'batch_size={config.batch_size}: use a divisor, or 0 (whole batch).')
+  if config.warmup_epochs > config.num_epochs:
+    raise ConfigError(f'--config.warmup_epochs={config.warmup_epochs} is more than '
+                      f'num_epochs={config.num_epochs}.')
+  if config.dtype not in model_factory.DTYPES:
+    raise ConfigError(f'--config.dtype={config.dtype!r}: use one of '
+                      f'{sorted(model_factory.DTYPES)}.')
+  for name, choices in (('conv_impl', CONV_IMPLS + ('auto',)),
+                        ('pool_impl', POOL_IMPLS + ('auto',)),
+                        ('input_pipeline', input_pipeline.FEEDS),
+                        ('lr_schedule', LR_SCHEDULES)):
+    if config[name] not in choices:
+      raise ConfigError(f'--config.{name}={config[name]!r}: use one of {choices}.')
+  if config.conv_impl == 'onednn' and (problem := model_factory.onednn_problem(config.dtype)):
+    raise ConfigError(f"--config.conv_impl='onednn' {problem}.")

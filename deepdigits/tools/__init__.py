@@ -1,0 +1,1 @@
+"""The commands a user runs: `python -m deepdigits.tools.NAME`."""

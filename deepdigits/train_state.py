@@ -1,0 +1,70 @@
+"""The train state (parameters, BatchNorm statistics, optimizer, keys, moving averages)
+and the optimizer and schedule it carries: what training updates, checkpoints hold and
+evaluation reads."""
+
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax.training import train_state
+
+from deepdigits import sharding
+from deepdigits.data import IMAGE_SHAPE
+
+LR_SCHEDULES = ('constant', 'cosine')
+
+
+class TrainState(train_state.TrainState):
+  """Flax's TrainState plus BatchNorm statistics, the base random key, and the moving
+  average of the weights."""
+  batch_stats: Any
+  rng: jax.Array  # raw uint32 key; dropout uses fold_in(rng, step)
+  nonfinite_step: jax.Array  # first step whose loss or gradients were not finite, or -1
+  ema: Any  # {'params', 'batch_stats'} averaged over steps if config.ema_decay, else {}
+
+
+def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
+  """'constant' (the original), or 'cosine': a linear warm-up over warmup_epochs, then
+  a cosine decay to 0 at the last step."""
+  if config.lr_schedule == 'constant':
+    return optax.constant_schedule(config.learning_rate)
+  total = max(1, config.num_epochs * steps_per_epoch)
+  warmup = min(total - 1, round(config.warmup_epochs * steps_per_epoch))
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
+      decay_steps=total, end_value=0.0)
+
+
+def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:
+  """Adam with the config's moments and epsilon (Keras' defaults) on `schedule`."""
+  return optax.adam(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps)
+
+
+def create_train_state(config, model: nn.Module, mesh, steps_per_epoch: int = 1,
+                       schedule: Optional[optax.Schedule] = None) -> TrainState:
+  """A fresh state from config.seed, replicated over the mesh. The learning-rate
+  `schedule` (by default the config's over `steps_per_epoch`) does not change the
+  state's structure, so any serves as a template for restoring a checkpoint."""
+  if schedule is None:
+    schedule = learning_rate_schedule(config, steps_per_epoch)
+  def init(rng):
+    init_rng, dropout_rng = jax.random.split(rng)
+    variables = model.init(init_rng, jnp.zeros((1,) + IMAGE_SHAPE), train=False)
+    ema = ({'params': variables['params'], 'batch_stats': variables['batch_stats']}
+           if config.ema_decay else {})
+    return TrainState.create(apply_fn=model.apply, params=variables['params'],
+                             batch_stats=variables['batch_stats'],
+                             tx=make_optimizer(config, schedule), rng=dropout_rng,
+                             nonfinite_step=jnp.array(-1, jnp.int32), ema=ema)
+  return jax.jit(init, out_shardings=sharding.replicated(mesh))(
+      jax.random.PRNGKey(config.seed))
+
+
+def evaluation_variables(state: TrainState) -> tuple[Any, Any]:
+  """The weights and BatchNorm statistics a run is evaluated with: their moving
+  averages if the run keeps them (config.ema_decay > 0), else the trained ones."""
+  if state.ema:
+    return state.ema['params'], state.ema['batch_stats']
+  return state.params, state.batch_stats
