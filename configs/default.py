@@ -5,14 +5,25 @@ Override any field on the command line: `--config.learning_rate=3e-3`.
 
 import ml_collections
 
+from deepdigits import mnist_download
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   # Data.
-  # Folder with the four MNIST IDX files (raw or .gz). Empty: tensorflow-datasets.
+  # 'idx': the four original MNIST IDX files, from data_dir or the download cache.
+  # 'tfds': tensorflow-datasets' prepared `mnist` (read with tfds.data_source).
+  config.data_source = 'idx'
+  # Folder with the four MNIST IDX files (raw or .gz). Empty: the download cache,
+  # $XDG_CACHE_HOME/deepdigits/mnist (else ~/.cache/deepdigits/mnist).
   config.data_dir = ''
-  # tensorflow-datasets data folder when data_dir is empty ('' = TFDS's default).
+  # Download the IDX files missing from the cache (each checked by its SHA-256);
+  # False never touches the network.
+  config.download = True
+  # Comma-separated base URLs to download from, tried in turn.
+  config.data_mirrors = mnist_download.DEFAULT_MIRRORS
+  # tensorflow-datasets data folder for data_source='tfds' ('' = TFDS's default).
   config.tfds_data_dir = ''
   # Images held out of the end of the training set for model selection (0 = none).
   config.validation_size = 0

@@ -7,7 +7,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from deepdigits import input_pipeline, model_factory, sharding
-from deepdigits.data import IMAGE_SHAPE
+from deepdigits.data import DATA_SOURCES, IMAGE_SHAPE
 from deepdigits.errors import ConfigError
 from deepdigits.model import CONV_IMPLS, POOL_IMPLS
 from deepdigits.train_state import LR_SCHEDULES
@@ -54,7 +54,8 @@ def check_values(config: ml_collections.ConfigDict) -> None:
   if config.dtype not in model_factory.DTYPES:
     raise ConfigError(f'--config.dtype={config.dtype!r}: use one of '
                       f'{sorted(model_factory.DTYPES)}.')
-  for name, choices in (('conv_impl', CONV_IMPLS + ('auto',)),
+  for name, choices in (('data_source', DATA_SOURCES),
+                        ('conv_impl', CONV_IMPLS + ('auto',)),
                         ('pool_impl', POOL_IMPLS + ('auto',)),
                         ('input_pipeline', input_pipeline.FEEDS),
                         ('lr_schedule', LR_SCHEDULES)):

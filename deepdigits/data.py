@@ -1,4 +1,5 @@
-"""MNIST as uint8 arrays: from the original IDX files or from tensorflow-datasets.
+"""MNIST as uint8 arrays: from the original IDX files (a folder of the user's, or the
+download cache that `mnist_download` fills) or from tensorflow-datasets.
 
 Every split is held in host memory as images uint8 [N, 28, 28, 1] and labels int32 [N]
 (MNIST is 55 MB); scaling to [0, 1] happens on the device inside the jitted step
@@ -14,7 +15,7 @@ from typing import Optional
 import jax.numpy as jnp
 import numpy as np
 
-from deepdigits import preprocess
+from deepdigits import mnist_download, preprocess
 from deepdigits.errors import DataError
 
 IMAGE_SHAPE = (28, 28, 1)
@@ -25,9 +26,11 @@ IDX_STEMS = {
     'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
     'test': ('t10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'),
 }
+DATA_SOURCES = ('idx', 'tfds')
 IDX_HINT = ('Point --config.data_dir at a folder with the four MNIST IDX files '
             '(train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, '
-            't10k-labels-idx1-ubyte, each raw or .gz), e.g. ../shared/data/mnist.')
+            't10k-labels-idx1-ubyte, each raw or .gz), or leave it empty to download '
+            'them.')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,8 +136,9 @@ def read_tfds_split(split: str, tfds_data_dir: Optional[str]) -> Split:
       lines = str(e).strip().splitlines() or [type(e).__name__]
       reason = f'{type(e).__name__}: {lines[0][:200]}'
     raise DataError(
-        f'tensorflow-datasets could not load mnist ({reason}). {IDX_HINT} Or, on a '
-        'machine with network, `pip install -e ".[tfds]"` lets tensorflow-datasets '
+        f'tensorflow-datasets could not load mnist ({reason}). Use '
+        "--config.data_source=idx (the default: the IDX files, downloaded if needed), or "
+        'on a machine with network `pip install -e ".[tfds]"` lets tensorflow-datasets '
         'download and prepare it once.') from None
   records = [source[i] for i in range(len(source))]
   images = np.stack([r['image'] for r in records]) if records else np.zeros(
@@ -154,10 +158,11 @@ def load_datasets(config, as_input: bool = True) -> dict[str, Split]:
   `width_normalization` every split's digits are rescaled to that width, unless
   `as_input=False` (the images as stored: to compare the splits of runs).
   """
-  if config.data_dir:
-    read = lambda split: read_idx_split(config.data_dir, split)
-  else:
+  if config.get('data_source', 'idx') == 'tfds':
     read = lambda split: read_tfds_split(split, config.tfds_data_dir)
+  else:
+    idx_dir = idx_folder(config)
+    read = lambda split: read_idx_split(idx_dir, split)
   full_train, test = read('train'), read('test')
   if config.validation_size >= len(full_train):
     raise DataError(f'validation_size={config.validation_size} leaves no training '
@@ -175,6 +180,19 @@ def load_datasets(config, as_input: bool = True) -> dict[str, Split]:
     return splits
   return {name: Split(as_network_input(split.images, config), split.labels)
           for name, split in splits.items()}
+
+
+def idx_folder(config) -> str:
+  """The folder the run reads IDX files from: config.data_dir as given, else the
+  download cache, with any missing or damaged file downloaded first (unless
+  config.download is False)."""
+  if config.data_dir:
+    return config.data_dir
+  directory = mnist_download.cache_dir()
+  mnist_download.ensure_mnist(directory, mnist_download.parse_mirrors(
+      config.get('data_mirrors', mnist_download.DEFAULT_MIRRORS)),
+                              config.get('download', True))
+  return directory
 
 
 def as_network_input(images: np.ndarray, config) -> np.ndarray:

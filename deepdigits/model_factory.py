@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from deepdigits.data import IMAGE_SHAPE
-from deepdigits.model import DeepDigitsCNN
+from deepdigits.model import CONV_IMPLS, DeepDigitsCNN
 from deepdigits.ops import onednn_conv
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -28,6 +28,11 @@ def onednn_problem(dtype: str) -> Optional[str]:
   if not onednn_conv.is_available():
     return f"is not available: {onednn_conv.unavailable_reason()}. Or use conv_impl='auto'"
   return None
+
+
+def available_conv_impls() -> tuple[str, ...]:
+  """The convolution implementations this installation has (oneDNN's only if built)."""
+  return tuple(i for i in CONV_IMPLS if i != 'onednn' or onednn_conv.is_available())
 
 
 def resolve_impl(impl: str, cpu_choice: str, differentiated: bool) -> str:

@@ -9,6 +9,7 @@ import os
 import jax
 import ml_collections
 
+from deepdigits import mnist_download
 from deepdigits.errors import ConfigError
 
 LOCK_NAME = 'run.lock'
@@ -76,7 +77,14 @@ def recorded_config(config: ml_collections.ConfigDict) -> dict:
 
 # Config fields added after runs were first recorded, each with the value that reproduces
 # a run recorded without it, so that commands on older workdirs keep working.
-LATER_FIELDS = {'width_normalization': 0, 'bn_group_size': 0}
+LATER_FIELDS = {'width_normalization': 0, 'bn_group_size': 0, 'download': True,
+                'data_mirrors': mnist_download.DEFAULT_MIRRORS}
+
+
+def later_fields(recorded: dict) -> dict:
+  """LATER_FIELDS, plus the data source of a run recorded before `data_source` existed:
+  an empty data_dir then meant tensorflow-datasets."""
+  return {**LATER_FIELDS, 'data_source': 'idx' if recorded.get('data_dir') else 'tfds'}
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -86,4 +94,5 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     raise ConfigError(f'{path} not found: {workdir!r} is not the workdir of a training '
                       'run.')
   with open(path) as f:
-    return ml_collections.ConfigDict({**LATER_FIELDS, **json.load(f)})
+    recorded = json.load(f)
+  return ml_collections.ConfigDict({**later_fields(recorded), **recorded})

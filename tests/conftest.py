@@ -1,5 +1,9 @@
 """Tests run on the CPU backend with 8 fake devices, set before jax is imported.
 
+Tests that need the real MNIST digits take them from the folder DEEPDIGITS_MNIST_DIR
+names (CI sets it to ../shared/data/mnist); else from the download cache, fetching
+into it if a mirror answers; else they are skipped, with the reason.
+
 A compilation cache shared by the tests, their pytest-xdist workers and the runs they
 start in subprocesses saves compiling the same tiny-config steps over and over.
 """
@@ -26,7 +30,7 @@ from deepdigits import data, host_memory  # pylint: disable=g-import-not-at-top
 host_memory.keep_freed_memory()  # as every command does, before JAX starts its threads
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-MNIST_DIR = REPO.parent / 'shared' / 'data' / 'mnist'
+MNIST_DIR_VARIABLE = 'DEEPDIGITS_MNIST_DIR'
 
 
 def write_idx(path, array: np.ndarray, magic: int) -> None:
@@ -47,11 +51,40 @@ def write_mnist_idx(directory, train: data.Split, test: data.Split) -> str:
   return str(directory)
 
 
+def real_mnist_dir() -> tuple[str, str]:
+  """(the folder of the real MNIST files, '') or ('', why there is none)."""
+  from deepdigits import mnist_download  # pylint: disable=g-import-not-at-top
+  from deepdigits.errors import DataError  # pylint: disable=g-import-not-at-top
+  given = os.environ.get(MNIST_DIR_VARIABLE)
+  if given:
+    return given, ''  # checked by reading it: a wrong folder fails, never skips
+  cache = mnist_download.cache_dir()
+  try:
+    mnist_download.ensure_mnist(
+        cache, mnist_download.parse_mirrors(mnist_download.DEFAULT_MIRRORS))
+  except DataError as e:
+    return '', (f'no real MNIST digits: {MNIST_DIR_VARIABLE} is not set and the '
+                f'download cache {cache} could not be filled ({str(e)[:300]})')
+  return cache, ''
+
+
+def require_onednn() -> None:
+  """Skips a test of the oneDNN extension where it is not built; under
+  DEEPDIGITS_REQUIRE_ONEDNN (CI) fails it instead."""
+  from deepdigits.ops import onednn_conv  # pylint: disable=g-import-not-at-top
+  if not onednn_conv.is_available():
+    reason = f'the oneDNN convolutions are not built: {onednn_conv.unavailable_reason()}'
+    if os.environ.get('DEEPDIGITS_REQUIRE_ONEDNN'):
+      pytest.fail(reason)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope='session')
 def mnist_dir() -> str:
-  if not (MNIST_DIR / 'train-images-idx3-ubyte.gz').exists():
-    pytest.fail(f'the real MNIST IDX files are expected in {MNIST_DIR} (../shared/data/mnist)')
-  return str(MNIST_DIR)
+  directory, reason = real_mnist_dir()
+  if not directory:
+    pytest.skip(reason)
+  return directory
 
 
 @pytest.fixture(scope='session')

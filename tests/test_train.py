@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from conftest import REPO, tiny_config
+from conftest import REPO, require_onednn, tiny_config
 from deepdigits import config_checks, input_pipeline, model_factory, sharding, train, train_state
 from deepdigits.data import Split, scale_images
 from deepdigits.errors import ConfigError
@@ -179,6 +179,7 @@ def test_without_the_built_onednn_convs_auto_falls_back_and_onednn_says_why(monk
 
 def test_auto_trains_with_onednn_convs_on_one_cpu_device():
   """On the machine as it is (one CPU device), `auto` picks the built oneDNN kernels."""
+  require_onednn()
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   script = ('import jax; from configs import default; from deepdigits import model_factory; '
             'fp32 = default.get_config(); bf16 = default.get_config(); '

@@ -22,7 +22,7 @@ from ml_collections import config_flags
 from deepdigits import config_checks, model_factory
 from deepdigits.cli import loaded_config, run_command
 from deepdigits.data import IMAGE_SHAPE
-from deepdigits.model import CONV_IMPLS, Conv3x3
+from deepdigits.model import Conv3x3
 
 FLAGS = flags.FLAGS
 
@@ -101,9 +101,10 @@ def time_layer(layer: ConvLayer, impls, dtype, calls: int, windows: int) -> dict
   return {impl: statistics.median(s) for impl, s in seconds.items()}
 
 
-def run_conv_benchmark(config, calls: int = 3, windows: int = 5,
-                       impls=CONV_IMPLS) -> dict:
-  """Per-layer seconds and GFLOP/s for each impl (also printed as a table)."""
+def run_conv_benchmark(config, calls: int = 3, windows: int = 5, impls=None) -> dict:
+  """Per-layer seconds and GFLOP/s for each impl (by default every one this
+  installation has; also printed as a table)."""
+  impls = impls or model_factory.available_conv_impls()
   config_checks.check_values(config)
   dtype = model_factory.DTYPES[config.dtype]
   layers = conv_layers(config)

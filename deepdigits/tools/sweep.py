@@ -42,8 +42,9 @@ METRIC_COLUMNS = ('validation_accuracy', 'validation_accuracy_recalibrated',
                   'test_accuracy', 'test_accuracy_recalibrated')
 # Fields a point may change without its workdir counting as another experiment.
 EXTENDABLE_FIELDS = ('num_epochs',)
-# Fields that change what a run prints or writes beside its results, never the results.
-OUTPUT_FIELDS = ('progress', 'tensorboard', 'model_summary')
+# Fields that change what a run prints or writes beside its results, or where its
+# (checksum-verified) data comes from, never the results.
+OUTPUT_FIELDS = ('progress', 'tensorboard', 'model_summary', 'download', 'data_mirrors')
 TRUE_WORDS, FALSE_WORDS = ('true', '1', 'yes'), ('false', '0', 'no')
 
 Grid = list[tuple[str, list[Any]]]  # (field, values) in the order given

@@ -1,0 +1,115 @@
+"""Every read and write of a run's files, local or on an object store (`gs://...`).
+
+Paths go through `etils.epath` (what Orbax itself uses; `gs://` through gcsfs), so a
+workdir can be a local folder or a bucket prefix with the same code. Local files are
+written through a temporary name and renamed, so a killed process never leaves half a
+file; object stores write whole objects, so their writes are atomic already. Object
+stores cannot append: an appended line there rewrites the (small) object.
+"""
+
+import logging
+import os
+import tempfile
+from typing import Union
+
+from etils import epath
+
+PathLike = Union[str, os.PathLike, epath.Path]
+
+
+def is_remote(path: PathLike) -> bool:
+  """Whether `path` names an object store (`gs://`, `s3://`, ...) and not a local path."""
+  return '://' in str(path)
+
+
+def path(p: PathLike) -> epath.Path:
+  return epath.Path(p)
+
+
+def join(base: PathLike, *parts: str) -> str:
+  """`base/part/...` as a string, for local folders and object stores alike."""
+  return str(epath.Path(base).joinpath(*parts))
+
+
+def absolute(p: PathLike) -> str:
+  """A local path made absolute (so that it works from any folder); a URL unchanged."""
+  return str(p) if is_remote(p) else os.path.abspath(p)
+
+
+def exists(p: PathLike) -> bool:
+  return epath.Path(p).exists()
+
+
+def is_file(p: PathLike) -> bool:
+  return epath.Path(p).is_file()
+
+
+def is_dir(p: PathLike) -> bool:
+  return epath.Path(p).is_dir()
+
+
+def list_names(p: PathLike) -> list[str]:
+  """The names in folder `p` ([] if it does not exist)."""
+  folder = epath.Path(p)
+  return [child.name for child in folder.iterdir()] if folder.is_dir() else []
+
+
+def make_dirs(p: PathLike) -> None:
+  epath.Path(p).mkdir(parents=True, exist_ok=True)
+
+
+def read_text(p: PathLike) -> str:
+  return epath.Path(p).read_text()
+
+
+def write_text(p: PathLike, text: str) -> None:
+  """Writes the whole file at once: a temporary name then a rename on local disks."""
+  if is_remote(p):
+    epath.Path(p).write_text(text)
+    return
+  folder = os.path.dirname(os.path.abspath(p))
+  fd, partial = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(p) + '.')
+  try:
+    with os.fdopen(fd, 'w') as f:
+      f.write(text)
+    os.replace(partial, p)
+  finally:
+    if os.path.exists(partial):
+      os.remove(partial)
+
+
+def write_bytes(p: PathLike, data: bytes) -> None:
+  if is_remote(p):
+    epath.Path(p).write_bytes(data)
+    return
+  folder = os.path.dirname(os.path.abspath(p))
+  fd, partial = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(p) + '.')
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
+    os.replace(partial, p)
+  finally:
+    if os.path.exists(partial):
+      os.remove(partial)
+
+
+def append_text(p: PathLike, text: str) -> None:
+  """Appends to a local file; on an object store, rewrites the object with `text` added."""
+  if is_remote(p):
+    target = epath.Path(p)
+    target.write_text((target.read_text() if target.exists() else '') + text)
+    return
+  with open(p, 'a') as f:
+    f.write(text)
+
+
+def move(source: PathLike, destination: PathLike) -> None:
+  """Renames a file or folder (on object stores: copies, then deletes the source)."""
+  epath.Path(source).rename(destination)
+
+
+def quiet_cloud_logging() -> None:
+  """gcsfs warns on every new bucket when it cannot tell the bucket's type without
+  credentials, and logs its own retries; a run's output stays readable without that."""
+  for name in ('gcsfs', 'gcsfs.core', 'fsspec', 'google.auth', 'google.cloud'):
+    logging.getLogger(name).setLevel(logging.ERROR)
