@@ -9,8 +9,6 @@ Nothing is ever deleted here: an unreadable checkpoint is moved to
 `workdir/corrupt_checkpoints/` and the previous one restored.
 """
 
-import os
-import shutil
 from typing import Any, Optional
 
 import jax
@@ -18,17 +16,19 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from deepdigits import storage
 from deepdigits.errors import CheckpointError, NonFiniteError
 from deepdigits.preemption import Preempted
 
 LATEST = 'checkpoints'  # the newest max_to_keep states, for resuming
 BEST = 'best_checkpoint'  # the state with the best validation accuracy so far
+CORRUPT = 'corrupt_checkpoints'  # unreadable checkpoints, moved here, never deleted
 
 
 def make_manager(workdir: str, max_to_keep: int, kind: str = LATEST) -> ocp.CheckpointManager:
   """An asynchronous manager of workdir/<kind> that keeps the newest `max_to_keep`
   checkpoints (kind LATEST or BEST)."""
-  directory = os.path.join(os.path.abspath(workdir), kind)
+  directory = storage.join(storage.absolute(workdir), kind)
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                          enable_async_checkpointing=True)
   # The handler named up front lets a fresh manager read a checkpoint's metadata.
@@ -102,17 +102,17 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any) -> Optional[Any]
 
 def _set_aside(manager: ocp.CheckpointManager, step: int, error: Exception) -> None:
   """Moves an unreadable checkpoint out of the manager's way, keeping its files."""
-  source = os.path.join(str(manager.directory), str(step))
-  corrupt_dir = os.path.join(os.path.dirname(str(manager.directory)), 'corrupt_checkpoints')
-  destination = os.path.join(corrupt_dir, str(step))
+  source = storage.join(manager.directory, str(step))
+  corrupt_dir = storage.join(storage.path(manager.directory).parent, CORRUPT)
+  destination = storage.join(corrupt_dir, str(step))
   suffix = 1
-  while os.path.exists(destination):
-    destination = os.path.join(corrupt_dir, f'{step}.{suffix}')
+  while storage.exists(destination):
+    destination = storage.join(corrupt_dir, f'{step}.{suffix}')
     suffix += 1
   reason = ' '.join(str(error).split())[:200] or type(error).__name__
   if jax.process_index() == 0:
-    os.makedirs(corrupt_dir, exist_ok=True)
-    shutil.move(source, destination)
+    storage.make_dirs(corrupt_dir)
+    storage.move(source, destination)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f'deepdigits set aside checkpoint {step}')
   message = (f'checkpoint {source} is unreadable ({type(error).__name__}: {reason}); '

@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 from absl import app, flags, logging
 
-from deepdigits import host_memory
+from deepdigits import host_memory, storage
 
 
 def parse_flags(argv):
@@ -40,9 +40,9 @@ def loaded_config():
 def run_command(body: Callable[..., Any], takes_args: bool = False) -> None:
   """absl's app.run around a command's `body()` (or `body(args)` if it takes positional
   arguments), with what every command shares: other arguments refused, Orbax's
-  per-file INFO logging quieted, freed host memory kept for the next step
-  (`host_memory.keep_freed_memory`), and a DeepDigitsError or a preemption ending the
-  process with one line (exit 1, or 128 + the signal)."""
+  per-file INFO logging and gcsfs' credential warnings quieted, freed host memory kept
+  for the next step (`host_memory.keep_freed_memory`), and a DeepDigitsError or a
+  preemption ending the process with one line (exit 1, or 128 + the signal)."""
 
   def main(argv):
     args = argv[1:]
@@ -50,6 +50,7 @@ def run_command(body: Callable[..., Any], takes_args: bool = False) -> None:
       raise app.UsageError(f'unexpected arguments: {" ".join(args)}')
     if not flags.FLAGS['verbosity'].present:
       logging.set_verbosity(logging.WARNING)
+      storage.quiet_cloud_logging()
     host_memory.keep_freed_memory()  # before JAX starts its threads
     # Imported here so that flag and config errors come before jax's start-up time.
     from deepdigits.errors import DeepDigitsError  # pylint: disable=g-import-not-at-top

@@ -10,7 +10,6 @@ training batches of the checkpoint's epoch, so predictions match the run's repor
 
 import dataclasses
 import functools
-import os
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -19,7 +18,15 @@ import ml_collections
 import numpy as np
 from jax.sharding import Mesh
 
-from deepdigits import checkpointing, input_pipeline, model_factory, rundir, sharding, train_state
+from deepdigits import (
+  checkpointing,
+  input_pipeline,
+  model_factory,
+  rundir,
+  sharding,
+  storage,
+  train_state,
+)
 from deepdigits.data import Split, load_datasets, scale_images
 from deepdigits.errors import CheckpointError
 from deepdigits.evaluate import BatchNormRecalibrator, Evaluator, evaluate_splits, pad_to_batches
@@ -60,8 +67,8 @@ def load_trained(workdir: str, config: Optional[ml_collections.ConfigDict] = Non
   if checkpoint not in kinds:
     raise ValueError(f'checkpoint={checkpoint!r}: use one of {sorted(kinds)}')
   config = config if config is not None else rundir.read_config(workdir)
-  directory = os.path.join(workdir, kinds[checkpoint])
-  if not os.path.isdir(directory):
+  directory = storage.join(workdir, kinds[checkpoint])
+  if not storage.is_dir(directory):
     hint = (' (a best checkpoint is kept only with --config.validation_size > 0)'
             if checkpoint == 'best' else '')
     raise CheckpointError(f'no {directory}{hint}; train there first.')

@@ -4,13 +4,14 @@ each epoch. Only process 0 reports in a multi-host run. Also the lines that
 `main.py --mode=evaluate` prints."""
 
 import json
-import os
 import sys
 import time
 
 import jax
 import tqdm
 from tensorboardX import SummaryWriter
+
+from deepdigits import storage
 
 # Record keys that are not TensorBoard scalars.
 NOT_SCALARS = ('epoch', 'step', 'best_checkpoint')
@@ -22,16 +23,16 @@ class MetricsLog:
 
   def __init__(self, workdir: str, tensorboard: bool = True):
     self.workdir = workdir
-    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self.path = storage.join(workdir, 'metrics.jsonl')
     self.enabled = jax.process_index() == 0
     self.tensorboard = tensorboard and self.enabled
     self._writer = None
 
   def records(self) -> list[dict]:
-    if not os.path.exists(self.path):
+    if not storage.exists(self.path):
       return []
-    with open(self.path) as f:
-      return [json.loads(line) for line in f if line.strip()]
+    return [json.loads(line) for line in storage.read_text(self.path).splitlines()
+            if line.strip()]
 
   def keep_until(self, step: int) -> None:
     """Drops records written after `step`, the step a resumed run restarts from, so the
@@ -41,14 +42,12 @@ class MetricsLog:
     records = self.records()
     kept = [r for r in records if r['step'] <= step]
     if len(kept) != len(records):
-      with open(self.path, 'w') as f:
-        f.writelines(json.dumps(r) + '\n' for r in kept)
+      storage.write_text(self.path, ''.join(json.dumps(r) + '\n' for r in kept))
 
   def write(self, record: dict) -> None:
     if not self.enabled:
       return
-    with open(self.path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
+    storage.append_text(self.path, json.dumps(record) + '\n')
     print(format_record(record), flush=True)
     if self.tensorboard:
       if self._writer is None:

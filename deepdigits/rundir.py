@@ -1,5 +1,10 @@
 """The run's working directory: created and checked before any work, and locked so that
-two runs never write the same checkpoints at once."""
+two runs never write the same checkpoints at once.
+
+A workdir is a local folder or an object-store prefix (`gs://BUCKET/PATH`, through
+`deepdigits.storage`). The lock is an flock, so it holds on local disks only; on an
+object store nothing stops a second run from writing the same workdir.
+"""
 
 import contextlib
 import fcntl
@@ -9,7 +14,7 @@ import os
 import jax
 import ml_collections
 
-from deepdigits import mnist_download
+from deepdigits import mnist_download, storage
 from deepdigits.errors import ConfigError
 
 LOCK_NAME = 'run.lock'
@@ -18,6 +23,12 @@ CONFIG_NAME = 'config.json'
 
 def prepare(workdir: str) -> None:
   """Creates workdir if needed; a clear error if it cannot be created or written."""
+  if problem := storage.backend_problem(workdir):
+    raise ConfigError(f'--workdir {problem}.')
+  if storage.is_remote(workdir):
+    if problem := storage.bucket_problem(workdir):
+      raise ConfigError(f'--workdir: {problem}.')
+    return
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
@@ -34,7 +45,7 @@ def locked(workdir: str):
   The lock is an flock, so the kernel releases it when the process dies: a killed run
   never leaves a stale lock behind.
   """
-  if jax.process_index() != 0:
+  if jax.process_index() != 0 or storage.is_remote(workdir):
     yield
     return
   path = os.path.join(workdir, LOCK_NAME)
@@ -61,8 +72,8 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   finished workdir (evaluate, predict, plots) rebuild the same model without flags;
   data folders are made absolute so those commands work from any folder."""
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, CONFIG_NAME), 'w') as f:
-      f.write(json.dumps(recorded_config(config), indent=2, sort_keys=True) + '\n')
+    storage.write_text(storage.join(workdir, CONFIG_NAME),
+                       json.dumps(recorded_config(config), indent=2, sort_keys=True) + '\n')
 
 
 def recorded_config(config: ml_collections.ConfigDict) -> dict:
@@ -71,7 +82,7 @@ def recorded_config(config: ml_collections.ConfigDict) -> dict:
   recorded = json.loads(config.to_json_best_effort())
   for field in ('data_dir', 'tfds_data_dir'):
     if recorded.get(field):
-      recorded[field] = os.path.abspath(recorded[field])
+      recorded[field] = storage.absolute(recorded[field])
   return recorded
 
 
@@ -89,10 +100,11 @@ def later_fields(recorded: dict) -> dict:
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run in workdir recorded (with LATER_FIELDS where it has none)."""
-  path = os.path.join(workdir, CONFIG_NAME)
-  if not os.path.isfile(path):
+  if problem := storage.backend_problem(workdir):
+    raise ConfigError(f'{problem}.')
+  path = storage.join(workdir, CONFIG_NAME)
+  if not storage.is_file(path):
     raise ConfigError(f'{path} not found: {workdir!r} is not the workdir of a training '
                       'run.')
-  with open(path) as f:
-    recorded = json.load(f)
+  recorded = json.loads(storage.read_text(path))
   return ml_collections.ConfigDict({**later_fields(recorded), **recorded})

@@ -7,10 +7,13 @@ file; object stores write whole objects, so their writes are atomic already. Obj
 stores cannot append: an appended line there rewrites the (small) object.
 """
 
+import importlib.util
 import logging
 import os
+import re
 import tempfile
-from typing import Union
+import uuid
+from typing import Optional, Union
 
 from etils import epath
 
@@ -34,6 +37,17 @@ def join(base: PathLike, *parts: str) -> str:
 def absolute(p: PathLike) -> str:
   """A local path made absolute (so that it works from any folder); a URL unchanged."""
   return str(p) if is_remote(p) else os.path.abspath(p)
+
+
+def resolved(p: PathLike) -> str:
+  """The one name of a path: local ones absolute with symlinks resolved, so that two
+  spellings of one folder compare equal; URLs without a trailing slash."""
+  return str(p).rstrip('/') if is_remote(p) else os.path.realpath(p)
+
+
+def natural_key(name: str) -> list:
+  """Sorts names as a person would: 'seed=10' after 'seed=2'."""
+  return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', name)]
 
 
 def exists(p: PathLike) -> bool:
@@ -106,6 +120,42 @@ def append_text(p: PathLike, text: str) -> None:
 def move(source: PathLike, destination: PathLike) -> None:
   """Renames a file or folder (on object stores: copies, then deletes the source)."""
   epath.Path(source).rename(destination)
+
+
+# The package each object store needs (etils.epath reaches them through fsspec).
+BACKENDS = {'gs': ('gcsfs', "pip install -e '.[gcs]'")}
+
+
+def backend_problem(p: PathLike) -> Optional[str]:
+  """Why `p` cannot be used from this installation (its store's package is missing or
+  unknown), or None."""
+  if not is_remote(p):
+    return None
+  scheme = str(p).split('://', 1)[0]
+  if scheme not in BACKENDS:
+    return (f'{p}: {scheme}:// is not supported; use a local folder or gs://BUCKET/PATH')
+  package, install = BACKENDS[scheme]
+  if importlib.util.find_spec(package) is None:
+    return f'{p}: {scheme}:// paths need the {package} package: {install}'
+  return None
+
+
+def bucket_problem(p: PathLike) -> Optional[str]:
+  """For an object-store path, why its bucket cannot be written (missing, not visible,
+  not writable), or None; a probe object is written and deleted."""
+  scheme, rest = str(p).split('://', 1)
+  bucket = f'{scheme}://{rest.split("/", 1)[0]}'
+  try:
+    if not epath.Path(bucket).exists():
+      return (f'bucket {bucket} does not exist or is not visible with these '
+              'credentials; create it, or fix the path')
+    probe = epath.Path(p) / f'.deepdigits-write-probe-{uuid.uuid4().hex}'
+    probe.write_text('')
+    probe.unlink()
+  except Exception as e:  # pylint: disable=broad-except (network, auth, permission)
+    reason = ' '.join(str(e).split())[:200] or type(e).__name__
+    return f'cannot write to {p} ({type(e).__name__}: {reason})'
+  return None
 
 
 def quiet_cloud_logging() -> None:

@@ -13,15 +13,13 @@ validation slice when every member held out the same one.
 """
 
 import json
-import os
-import re
 import sys
 from typing import Callable, Sequence
 
 import numpy as np
 from absl import flags
 
-from deepdigits import inference, rundir
+from deepdigits import inference, rundir, storage
 from deepdigits.cli import run_command
 from deepdigits.data import as_network_input, load_datasets
 from deepdigits.errors import ConfigError
@@ -62,22 +60,17 @@ def combine(member_logits: Sequence[np.ndarray], labels: np.ndarray) -> dict:
 # ---------------------------------------------------------------- members
 
 
-def _natural_key(name: str):
-  """'seed=10' after 'seed=2'."""
-  return [int(t) if t.isdigit() else t for t in re.split(r'(\d+)', name)]
-
-
 def expand_workdirs(paths: Sequence[str]) -> list[str]:
   """Each path as itself if it is a training workdir (it has config.json), else as the
   workdirs in its subfolders (a seeds or sweep folder); a ConfigError otherwise."""
   workdirs = []
   for path in paths:
-    if os.path.isfile(os.path.join(path, rundir.CONFIG_NAME)):
+    if storage.is_file(storage.join(path, rundir.CONFIG_NAME)):
       workdirs.append(path)
       continue
-    subfolders = sorted(os.listdir(path), key=_natural_key) if os.path.isdir(path) else []
-    found = [os.path.join(path, name) for name in subfolders
-             if os.path.isfile(os.path.join(path, name, rundir.CONFIG_NAME))]
+    found = [storage.join(path, name)
+             for name in sorted(storage.list_names(path), key=storage.natural_key)
+             if storage.is_file(storage.join(path, name, rundir.CONFIG_NAME))]
     if not found:
       raise ConfigError(f'{path!r} is neither a training workdir (no config.json) nor a '
                         'folder of them (a seeds or sweep folder).')
@@ -85,7 +78,7 @@ def expand_workdirs(paths: Sequence[str]) -> list[str]:
   if not workdirs:
     raise ConfigError('give the workdirs of the members, e.g. runs/a runs/b, or a seeds '
                       'folder.')
-  normalized = [os.path.normpath(w) for w in workdirs]
+  normalized = [storage.resolved(w) for w in workdirs]
   repeated = sorted({w for w in normalized if normalized.count(w) > 1})
   if repeated:
     raise ConfigError(f'{repeated[0]} is given twice.')
@@ -94,7 +87,7 @@ def expand_workdirs(paths: Sequence[str]) -> list[str]:
 
 def default_output(workdirs: Sequence[str]) -> str:
   """ensemble.json in the folder that holds the first member."""
-  return os.path.join(os.path.dirname(os.path.normpath(workdirs[0])) or '.', ENSEMBLE_JSON)
+  return storage.join(storage.path(storage.absolute(workdirs[0])).parent, ENSEMBLE_JSON)
 
 
 def _same_split(a, b) -> bool:
@@ -194,9 +187,7 @@ def main(paths):
   print(format_result(result), flush=True)
   out = FLAGS.out or default_output(workdirs)
   try:
-    with open(out, 'w') as f:
-      json.dump(result, f, indent=2)
-      f.write('\n')
+    storage.write_text(out, json.dumps(result, indent=2) + '\n')
   except OSError as e:
     sys.exit(f'deepdigits: error: cannot write {out}: {e.strerror}.')
   print(f'written to {out}')

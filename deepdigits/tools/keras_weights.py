@@ -19,7 +19,6 @@ are HWIO, dense kernels [in, out], and Flatten orders a 4x4x256 map the same way
 import io
 import json
 import os
-import re
 import zipfile
 from typing import Optional
 
@@ -31,7 +30,15 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from deepdigits import checkpointing, config_checks, model_factory, rundir, sharding, train_state
+from deepdigits import (
+  checkpointing,
+  config_checks,
+  model_factory,
+  rundir,
+  sharding,
+  storage,
+  train_state,
+)
 from deepdigits.cli import loaded_config, run_command
 from deepdigits.data import IMAGE_SHAPE
 from deepdigits.errors import CheckpointError, KerasWeightsError
@@ -47,10 +54,6 @@ FLAX_LAYERS = {
 Layers = list[tuple[str, list[np.ndarray]]]  # (Keras layer name, its arrays) in order
 
 
-def _natural_key(name: str):
-  return [int(part) if part.isdigit() else part for part in re.split(r'(\d+)', name)]
-
-
 def _decoded(names) -> list[str]:
   return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
@@ -58,7 +61,7 @@ def _decoded(names) -> list[str]:
 def _keras3_layers(h5: h5py.File, order: Optional[list[str]]) -> Layers:
   """The layers of a Keras 3 weights file; `order` from the model's config, if known."""
   group = h5['layers']
-  names = [n for n in order if n in group] if order else sorted(group, key=_natural_key)
+  names = [n for n in order if n in group] if order else sorted(group, key=storage.natural_key)
   layers = []
   for name in names:
     variables = group[name].get('vars', {})
@@ -196,8 +199,8 @@ def write_workdir(variables: dict, config: ml_collections.ConfigDict,
   mesh = sharding.make_mesh()
   rundir.prepare(workdir)
   with rundir.locked(workdir):
-    checkpoints = os.path.join(workdir, 'checkpoints')
-    if os.path.isdir(checkpoints) and os.listdir(checkpoints):
+    checkpoints = storage.join(workdir, checkpointing.LATEST)
+    if storage.list_names(checkpoints):
       raise CheckpointError(f'{checkpoints} already holds checkpoints; pick a new '
                             '--workdir.')
     state = train_state.create_train_state(config, model_factory.make_model(config), mesh)
@@ -209,7 +212,7 @@ def write_workdir(variables: dict, config: ml_collections.ConfigDict,
     checkpointing.save(manager, state)
     manager.wait_until_finished()
     manager.close()
-  return os.path.join(checkpoints, '0')
+  return storage.join(checkpoints, '0')
 
 
 # ---------------------------------------------------------------- command

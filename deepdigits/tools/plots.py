@@ -9,8 +9,8 @@ recalibrated if the run recalibrated). The figure functions take arrays and retu
 matplotlib Figure; only `write_plots` reads and writes files.
 """
 
+import io
 import math
-import os
 import sys
 from typing import Sequence
 
@@ -18,6 +18,7 @@ import numpy as np
 from absl import flags
 from matplotlib.figure import Figure  # no pyplot: no global state; PNGs render with Agg
 
+from deepdigits import storage
 from deepdigits.cli import run_command
 from deepdigits.data import NUM_CLASSES
 from deepdigits.errors import ConfigError
@@ -118,7 +119,9 @@ def gallery_figure(images: np.ndarray, labels: np.ndarray, predictions: np.ndarr
 
 
 def save_png(figure: Figure, path: str) -> str:
-  figure.savefig(path, format='png', dpi=DPI)
+  buffer = io.BytesIO()
+  figure.savefig(buffer, format='png', dpi=DPI)
+  storage.write_bytes(path, buffer.getvalue())
   return path
 
 
@@ -134,16 +137,16 @@ def write_plots(workdir: str, misclassified_only: bool = False, num_images: int 
   trained = trained or inference.load_trained(workdir)
   test = load_datasets(trained.config)['test']
   predictions = inference.predict_logits(trained, test.images).argmax(-1)
-  out_dir = os.path.join(workdir, PLOTS_DIR)
+  out_dir = storage.join(workdir, PLOTS_DIR)
   try:
-    os.makedirs(out_dir, exist_ok=True)
+    storage.make_dirs(out_dir)
   except OSError as e:
     raise ConfigError(f'cannot create {out_dir!r}: {e.strerror}.') from None
   written = []
 
   records = MetricsLog(workdir).records()
   if records:
-    written.append(save_png(curves_figure(records), os.path.join(out_dir, 'curves.png')))
+    written.append(save_png(curves_figure(records), storage.join(out_dir, 'curves.png')))
   else:
     print(f'deepdigits: no epoch has finished in {workdir}; curves.png not written.',
           file=sys.stderr)
@@ -154,7 +157,7 @@ def write_plots(workdir: str, misclassified_only: bool = False, num_images: int 
   title = (f'step {trained.step}: {100 * accuracy:.2f}% of {counts.sum():,} test images '
            f'right{recalibrated}')
   written.append(save_png(confusion_figure(counts, title),
-                          os.path.join(out_dir, 'confusion.png')))
+                          storage.join(out_dir, 'confusion.png')))
 
   chosen = gallery_indices(test.labels, predictions, num_images, misclassified_only)
   wrong = int(np.sum(test.labels != predictions))
@@ -164,7 +167,7 @@ def write_plots(workdir: str, misclassified_only: bool = False, num_images: int 
            f'the first {len(chosen)} test digits (true/predicted)')
   written.append(save_png(gallery_figure(test.images[chosen], test.labels[chosen],
                                          predictions[chosen], title),
-                          os.path.join(out_dir, name)))
+                          storage.join(out_dir, name)))
   return written
 
 

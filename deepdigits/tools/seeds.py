@@ -9,7 +9,6 @@ standard deviation go to `DIR/seeds.md` and `DIR/seeds.json`, rewritten after ev
 """
 
 import json
-import os
 import statistics
 from typing import Any, Callable, Optional
 
@@ -17,6 +16,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from deepdigits import storage
 from deepdigits.cli import loaded_config, run_command
 from deepdigits.errors import ConfigError
 from deepdigits.metrics_log import MetricsLog
@@ -139,11 +139,9 @@ def write_tables(workdir: str, points: list[sweep.Point], status: dict[str, str]
     row['workdir'] = point.name
   summary = summarize(rows, num_epochs)
   markdown = format_markdown(rows, summary, num_epochs)
-  with open(os.path.join(workdir, SEEDS_MD), 'w') as f:
-    f.write(markdown)
-  with open(os.path.join(workdir, SEEDS_JSON), 'w') as f:
-    json.dump({'num_epochs': num_epochs, 'seeds': rows, 'summary': summary}, f, indent=2)
-    f.write('\n')
+  storage.write_text(storage.join(workdir, SEEDS_MD), markdown)
+  storage.write_text(storage.join(workdir, SEEDS_JSON), json.dumps(
+      {'num_epochs': num_epochs, 'seeds': rows, 'summary': summary}, indent=2) + '\n')
   return rows, summary, markdown
 
 
@@ -159,7 +157,7 @@ def run_seeds(config: ml_collections.ConfigDict, workdir: str, seeds: list[int],
   status = sweep.run_points(workdir, points, say, write)
   rows, summary, markdown = write(status)
   say(markdown.rstrip())
-  error = sweep.failed_points_error(points, status, os.path.join(workdir, SEEDS_MD))
+  error = sweep.failed_points_error(points, status, storage.join(workdir, SEEDS_MD))
   if error:
     raise error
   return rows, summary

@@ -17,7 +17,6 @@ import dataclasses
 import difflib
 import io
 import itertools
-import os
 import urllib.parse
 from typing import Any, Callable, Optional
 
@@ -25,7 +24,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from deepdigits import config_checks, rundir, sharding, train
+from deepdigits import checkpointing, config_checks, rundir, sharding, storage, train
 from deepdigits.cli import loaded_config, run_command
 from deepdigits.errors import ConfigError, DeepDigitsError
 from deepdigits.metrics_log import MetricsLog
@@ -165,8 +164,8 @@ def plan(config: ml_collections.ConfigDict, workdir: str,
       config_checks.validate(cfg, mesh)
     except ConfigError as e:
       raise ConfigError(f'point {name}: {e}') from None
-    point_dir = os.path.join(workdir, name)
-    if os.path.isfile(os.path.join(point_dir, rundir.CONFIG_NAME)):
+    point_dir = storage.join(workdir, name)
+    if storage.is_file(storage.join(point_dir, rundir.CONFIG_NAME)):
       differences = config_differences(rundir.read_config(point_dir).to_dict(),
                                        rundir.recorded_config(cfg))
       if differences:
@@ -184,8 +183,8 @@ def finished_record(point: Point) -> Optional[dict]:
   """The metrics of the point's final epoch if it is complete (recorded and its
   checkpoint written), else None."""
   for record in MetricsLog(point.workdir).records():
-    if (record['epoch'] == point.config.num_epochs and os.path.isdir(
-        os.path.join(point.workdir, 'checkpoints', str(record['step'])))):
+    if (record['epoch'] == point.config.num_epochs and storage.is_dir(
+        storage.join(point.workdir, checkpointing.LATEST, str(record['step'])))):
       return record
   return None
 
@@ -241,7 +240,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, specs: list[str],
                       lambda status: write_results(workdir, points, status))
   rows, table = write_results(workdir, points, status)
   say(table.rstrip())
-  error = failed_points_error(points, status, os.path.join(workdir, RESULTS_MD))
+  error = failed_points_error(points, status, storage.join(workdir, RESULTS_MD))
   if error:
     raise error
   return rows
@@ -333,8 +332,7 @@ def write_results(workdir: str, points: list[Point],
   rows = [result_row(p, MetricsLog(p.workdir).records(), status[p.name]) for p in points]
   csv_text, md_text = format_tables(rows, list(points[0].values))
   for name, text in ((RESULTS_CSV, csv_text), (RESULTS_MD, md_text)):
-    with open(os.path.join(workdir, name), 'w') as f:
-      f.write(text)
+    storage.write_text(storage.join(workdir, name), text)
   return rank(rows)[0], md_text
 
 
