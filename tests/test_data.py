@@ -140,7 +140,7 @@ def test_tfds_path_with_mock_data():
 
 
 def test_tfds_config_selects_tfds_and_splits(tmp_path):
-  config = tiny_config('', validation_size=10)
+  config = tiny_config('', validation_size=10, data_source='tfds')
   with tfds.testing.mock_data(num_examples=50, policy=tfds.testing.MockPolicy.USE_CODE):
     splits = data.load_datasets(config)
   assert {k: len(v) for k, v in splits.items()} == {'train': 40, 'validation': 10,
@@ -150,7 +150,7 @@ def test_tfds_config_selects_tfds_and_splits(tmp_path):
 def test_tfds_without_prepared_data_says_how_to_use_idx(tmp_path):
   with pytest.raises(DataError) as info:
     data.read_tfds_split('train', str(tmp_path / 'empty_tfds'))
-  assert '--config.data_dir' in str(info.value)
+  assert '--config.data_source=idx' in str(info.value)
 
 
 def test_validation_slice_is_disjoint_from_training(tiny_mnist_dir, mnist):

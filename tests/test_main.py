@@ -48,7 +48,8 @@ def test_overrides_take_effect(tiny_mnist_dir, tmp_path):
     ('--config.num_epochs=-2', 'num_epochs=-2 must be >= 0'),
     ('--config.batch_size=100', 'batch_size=100 does not divide by the 8 devices'),
     ('--config.data_dir=/nonexistent/mnist', "'/nonexistent/mnist' is not a directory"),
-    ('--config.data_dir=', 'Point --config.data_dir at a folder with the four MNIST IDX'),
+    ('--config.data_source=tfds', 'tensorflow-datasets could not load mnist'),
+    ('--config.data_source=csv', "--config.data_source='csv': use one of ('idx', 'tfds')"),
 ])
 def test_bad_input_stops_with_one_clear_error(override, message, tmp_path, tiny_mnist_dir):
   # An empty TFDS folder: offline, tensorflow-datasets has nothing to read.
