@@ -87,7 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Where the train step's batches come from: 'device' (the whole uint8 split put on
   # every device once, each batch sliced by index inside the jitted step) or 'host'
   # (each process sends its rows of every batch; for data larger than device memory).
-  config.input_pipeline = 'device'
+  config.feed = 'device'
   # Seed of the parameter initialisation, dropout and the data order.
   config.seed = 0
 

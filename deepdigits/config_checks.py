@@ -57,7 +57,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
   for name, choices in (('data_source', DATA_SOURCES),
                         ('conv_impl', CONV_IMPLS + ('auto',)),
                         ('pool_impl', POOL_IMPLS + ('auto',)),
-                        ('input_pipeline', input_pipeline.FEEDS),
+                        ('feed', input_pipeline.FEEDS),
                         ('lr_schedule', LR_SCHEDULES)):
     if config[name] not in choices:
       raise ConfigError(f'--config.{name}={config[name]!r}: use one of {choices}.')

@@ -4,7 +4,7 @@ XLA's CPU runtime allocates each step's temporary buffers (hundreds of MB for th
 network) and frees them when the step ends. glibc hands every allocation above 32 MB,
 and every large one from a worker thread's arena, straight back to the OS, so the next
 step faulted the same memory in again, page by page: 75,000 page faults a step at batch
-128 on the 2-core development machine, a quarter of the step's time (README, Speed).
+128 on the 2-core development machine, a quarter of the step's time (docs/speed.md).
 """
 
 import ctypes

@@ -99,6 +99,8 @@ def ensure_mnist(directory: str, mirrors: Sequence[str], download: bool = True) 
 def download_file(stem: str, directory: str, mirrors: Sequence[str]) -> str:
   """Downloads `stem`.gz from the first mirror whose copy verifies; returns its path."""
   import pooch  # pylint: disable=g-import-not-at-top (only needed to download)
+
+  from deepdigits import storage  # pylint: disable=g-import-not-at-top
   destination = os.path.join(directory, stem + '.gz')
   progressbar = sys.stderr.isatty()
   problems = []
@@ -111,6 +113,7 @@ def download_file(stem: str, directory: str, mirrors: Sequence[str]) -> str:
       pooch.HTTPDownloader(progressbar=progressbar, timeout=TIMEOUT_SECONDS)(
           url, partial, None)
       if is_verified(partial, stem):
+        os.chmod(partial, storage.default_file_mode())  # not mkstemp's 0600
         os.replace(partial, destination)
         return destination
       problems.append(f'{url}: the file does not match MNIST\'s SHA-256')

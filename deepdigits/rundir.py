@@ -92,6 +92,10 @@ LATER_FIELDS = {'width_normalization': 0, 'bn_group_size': 0, 'download': True,
                 'data_mirrors': mnist_download.DEFAULT_MIRRORS}
 
 
+# Config fields renamed since runs were first recorded: the old name to the new one.
+RENAMED_FIELDS = {'input_pipeline': 'feed'}
+
+
 def later_fields(recorded: dict) -> dict:
   """LATER_FIELDS, plus the data source of a run recorded before `data_source` existed:
   an empty data_dir then meant tensorflow-datasets."""
@@ -107,4 +111,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     raise ConfigError(f'{path} not found: {workdir!r} is not the workdir of a training '
                       'run.')
   recorded = json.loads(storage.read_text(path))
+  for old, new in RENAMED_FIELDS.items():
+    if old in recorded and new not in recorded:
+      recorded[new] = recorded.pop(old)
   return ml_collections.ConfigDict({**later_fields(recorded), **recorded})

@@ -78,21 +78,11 @@ def read_text(p: PathLike) -> str:
 
 def write_text(p: PathLike, text: str) -> None:
   """Writes the whole file at once: a temporary name then a rename on local disks."""
-  if is_remote(p):
-    epath.Path(p).write_text(text)
-    return
-  folder = os.path.dirname(os.path.abspath(p))
-  fd, partial = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(p) + '.')
-  try:
-    with os.fdopen(fd, 'w') as f:
-      f.write(text)
-    os.replace(partial, p)
-  finally:
-    if os.path.exists(partial):
-      os.remove(partial)
+  write_bytes(p, text.encode())
 
 
 def write_bytes(p: PathLike, data: bytes) -> None:
+  """Writes the whole file at once: a temporary name then a rename on local disks."""
   if is_remote(p):
     epath.Path(p).write_bytes(data)
     return
@@ -101,10 +91,18 @@ def write_bytes(p: PathLike, data: bytes) -> None:
   try:
     with os.fdopen(fd, 'wb') as f:
       f.write(data)
+    os.chmod(partial, default_file_mode())  # as open() would, not mkstemp's 0600
     os.replace(partial, p)
   finally:
     if os.path.exists(partial):
       os.remove(partial)
+
+
+def default_file_mode() -> int:
+  """The permissions open() gives a new file (0o666 less the umask)."""
+  mask = os.umask(0)
+  os.umask(mask)
+  return 0o666 & ~mask
 
 
 def append_text(p: PathLike, text: str) -> None:

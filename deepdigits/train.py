@@ -195,7 +195,7 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict:
   say(describe_run(config, model, eval_model, mesh, state, datasets, steps_per_epoch, step))
 
   # Compile.
-  feed = input_pipeline.make_feed(config.input_pipeline, mesh, train_split,
+  feed = input_pipeline.make_feed(config.feed, mesh, train_split,
                                   config.batch_size)
   start = time.perf_counter()
   step_fn = compile_train_step(config, model, mesh, state, feed)

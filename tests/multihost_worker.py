@@ -30,7 +30,7 @@ config.train_subset = 64  # two steps of 32
 config.batch_size = 32
 config.eval_batch_size = 64
 config.num_epochs = 1
-config.input_pipeline = feed
+config.feed = feed
 config.model_summary = False
 record = train.train_and_evaluate(config, workdir)
 

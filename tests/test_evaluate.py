@@ -82,10 +82,15 @@ def test_a_folder_that_is_not_a_trained_run_is_one_clear_error(setup, args, mess
 
 def test_a_config_recorded_before_later_fields_reads_with_their_old_values(tmp_path):
   recorded = tiny_config('').to_dict()
-  for field in rundir.LATER_FIELDS:
+  for field in list(rundir.LATER_FIELDS) + ['data_source']:
     del recorded[field]
+  recorded['input_pipeline'] = recorded.pop('feed')  # the field's name before 'feed'
+  recorded['input_pipeline'] = 'host'
   (tmp_path / rundir.CONFIG_NAME).write_text(json.dumps(recorded))
   config = rundir.read_config(str(tmp_path))
   assert config.bn_group_size == 0 and config.width_normalization == 0
+  assert config.feed == 'host' and 'input_pipeline' not in config
+  assert config.data_source == 'tfds'  # an empty data_dir meant tensorflow-datasets then
+  assert config.download and config.data_mirrors
   config_checks.check_values(config)
   assert model_factory.make_model(config).bn_group_size == 0

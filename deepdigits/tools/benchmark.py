@@ -2,7 +2,7 @@
 `python -m deepdigits.tools.benchmark --config=...`.
 
 The train step is the one `train_and_evaluate` compiles, fed by the same feed
-(`input_pipeline`, `--config.input_pipeline=device|host`) in the same loop; the eval
+(`input_pipeline`, `--config.feed=device|host`) in the same loop; the eval
 figure is `Evaluator` over whole batches. Each figure is the median of several timed
 windows after a warm-up window.
 With `--config.data_dir` the real MNIST training images are used, else random bytes
@@ -25,12 +25,6 @@ from deepdigits.data import IMAGE_SHAPE, Split, read_idx_split
 from deepdigits.evaluate import Evaluator
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
-                                lock_config=True)
-flags.DEFINE_integer('steps', 20, 'Train steps per timed window.')
-flags.DEFINE_integer('windows', 5, 'Timed windows (after one warm-up window).')
-flags.DEFINE_integer('eval_batches', 10, 'Eval batches per timed window.')
-flags.mark_flags_as_required(['config'])
 
 
 def timed_windows(run_window, windows: int, warm_up: bool = True) -> list[float]:
@@ -64,7 +58,7 @@ def run_benchmark(config, steps: int, windows: int, eval_batches: int) -> dict:
   state = train_state.create_train_state(config, model, mesh)
   images = benchmark_images(config, max(steps * config.batch_size,
                                         eval_batches * config.eval_batch_size))
-  feed = input_pipeline.make_feed(config.input_pipeline, mesh,
+  feed = input_pipeline.make_feed(config.feed, mesh,
                                   Split(images.images[:steps * config.batch_size],
                                         images.labels[:steps * config.batch_size]),
                                   config.batch_size)
@@ -155,5 +149,17 @@ def main():
   run_benchmark(loaded_config(), FLAGS.steps, FLAGS.windows, FLAGS.eval_batches)
 
 
+def define_flags():
+  """The command's flags; defined only when run as a command, so that importing this
+  module next to other commands (tests do) defines no flag twice."""
+  config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
+                                  lock_config=True)
+  flags.DEFINE_integer('steps', 20, 'Train steps per timed window.')
+  flags.DEFINE_integer('windows', 5, 'Timed windows (after one warm-up window).')
+  flags.DEFINE_integer('eval_batches', 10, 'Eval batches per timed window.')
+  flags.mark_flags_as_required(['config'])
+
+
 if __name__ == '__main__':
+  define_flags()
   run_command(main)

@@ -136,10 +136,16 @@ def main():
   run_conv_benchmark(loaded_config(), FLAGS.calls, FLAGS.windows)
 
 
-if __name__ == '__main__':
+def define_flags():
+  """The command's flags; defined only when run as a command, so that importing this
+  module next to other commands (tests do) defines no flag twice."""
   config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
                                   lock_config=True)
   flags.DEFINE_integer('calls', 3, 'Forward+backward calls per timed window.')
   flags.DEFINE_integer('windows', 5, 'Timed windows (after a warm-up call).')
   flags.mark_flags_as_required(['config'])
+
+
+if __name__ == '__main__':
+  define_flags()
   run_command(main)

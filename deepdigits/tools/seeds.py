@@ -70,18 +70,14 @@ def seed_list(seeds_text: Optional[str], num_seeds: Optional[int],
 def seed_row(seed: int, records: list[dict], num_epochs: int, status: str) -> dict:
   """A seed's row from its metrics.jsonl records: the final epoch's metrics, those of
   the best checkpoint's epoch if the run kept one, the epochs' wall seconds."""
-  records = [r for r in records if r['epoch'] <= num_epochs]
-  last = records[-1] if records else {}
-  row: dict[str, Any] = {'seed': seed, 'epochs': last.get('epoch', 0)}
-  row.update({m: last[m] for m in FINAL_METRICS if m in last})
+  counted, records = sweep.run_row(records, num_epochs, status, FINAL_METRICS)
+  row: dict[str, Any] = {'seed': seed, 'epochs': counted.pop('epochs')}
+  row.update({m: counted.pop(m) for m in FINAL_METRICS if m in counted})
   best = [r for r in records if r.get('best_checkpoint')]
   if best:
     row['best_epoch'] = best[-1]['epoch']
     row.update({'best_' + m: best[-1][m] for m in FINAL_METRICS if m in best[-1]})
-  row['seconds'] = sum(r.get('epoch_seconds', 0.0) for r in records)
-  if status == 'pending' and records:
-    status = f'stopped at epoch {last["epoch"]}'
-  row['status'] = status
+  row.update(counted)  # seconds, status
   return row
 
 
@@ -99,16 +95,6 @@ def summarize(rows: list[dict], num_epochs: int) -> dict[str, dict]:
   return summary
 
 
-def _cell(column: str, value: Any) -> str:
-  if value is None:
-    return '-'
-  if column in FINAL_METRICS + BEST_METRICS:
-    return f'{value:.4f}'
-  if column == 'seconds':
-    return f'{value:.0f}'
-  return str(value)
-
-
 def format_markdown(rows: list[dict], summary: dict[str, dict], num_epochs: int) -> str:
   """seeds.md: a row per seed, then the mean and the sample standard deviation."""
   columns = ['seed', 'epochs'] + [m for m in FINAL_METRICS if any(m in r for r in rows)]
@@ -118,15 +104,13 @@ def format_markdown(rows: list[dict], summary: dict[str, dict], num_epochs: int)
   lines = [f'{len(rows)} seeds; mean and sample standard deviation (n - 1) over the {n} '
            f'that finished all {num_epochs} epochs. `best_*`: the epoch of the best '
            'validation accuracy (workdir/best_checkpoint). `seconds`: the epochs\' wall '
-           'time.', '',
-           '| ' + ' | '.join(columns) + ' |', '|' + ' --- |' * len(columns)]
-  for row in rows:
-    lines.append('| ' + ' | '.join(_cell(c, row.get(c)) for c in columns) + ' |')
-  for stat in ('mean', 'std'):
-    cells = [stat, ''] + [_cell(c, summary[c][stat]) if c in summary else ''
-                          for c in columns[2:]]
-    lines.append('| ' + ' | '.join(cells) + ' |')
-  return '\n'.join(lines) + '\n'
+           'time.', '']
+  cell = lambda column, value: sweep.format_cell(value, FINAL_METRICS + BEST_METRICS,
+                                                 column, empty='-')
+  table = [[cell(c, row.get(c)) for c in columns] for row in rows]
+  table += [[stat, ''] + [cell(c, summary[c][stat]) if c in summary else ''
+                          for c in columns[2:]] for stat in ('mean', 'std')]
+  return '\n'.join(lines + sweep.markdown_rows(columns, table)) + '\n'
 
 
 def write_tables(workdir: str, points: list[sweep.Point], status: dict[str, str],

@@ -192,9 +192,10 @@ def finished_record(point: Point) -> Optional[dict]:
 def run_points(workdir: str, points: list[Point], say: Callable[[str], None],
                on_progress: Callable[[dict[str, str]], Any]) -> dict[str, str]:
   """Trains every unfinished point in turn under workdir's lock; returns each point's
-  status ('done' or 'failed: ...'). `on_progress(status)` runs after every point and
-  on the way out (tables readable while the points run). A point that fails is
-  reported and the others go on; preemption stops them all."""
+  status ('done' or 'failed: ...'). `on_progress(status)` runs after every point but
+  the last, and on the way out of a stop (tables readable while the points run; the
+  caller writes the final ones). A point that fails is reported and the others go on;
+  preemption stops them all."""
   rundir.prepare(workdir)
   status = {p.name: 'pending' for p in points}
   with rundir.locked(workdir):
@@ -214,9 +215,11 @@ def run_points(workdir: str, points: list[Point], say: Callable[[str], None],
         except DeepDigitsError as e:
           status[point.name] = f'failed: {e}'
           say(f'deepdigits: error: point {point.name}: {e}')
-        on_progress(status)
-    finally:
+        if i < len(points):
+          on_progress(status)
+    except BaseException:
       on_progress(status)
+      raise
   return status
 
 
@@ -249,22 +252,44 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, specs: list[str],
 # ---------------------------------------------------------------- results
 
 
-def result_row(point: Point, records: list[dict], status: str) -> dict:
-  """A table row: the grid values, then the metrics of the latest epoch up to
-  num_epochs, the seconds the epochs took, the status and the folder."""
-  records = [r for r in records if r['epoch'] <= point.config.num_epochs]
+def run_row(records: list[dict], num_epochs: int, status: str,
+            metrics: tuple[str, ...]) -> tuple[dict, list[dict]]:
+  """What a sweep's and a seeds' row share, from a run's metrics.jsonl records: the
+  epochs done (up to num_epochs), `metrics` of the last of them, the epochs' wall
+  seconds and the status; also returns the records counted."""
+  records = [r for r in records if r['epoch'] <= num_epochs]
   last = records[-1] if records else {}
-  row = dict(point.values)
-  row['epochs'] = last.get('epoch', 0)
-  for metric in METRIC_COLUMNS:
-    if metric in last:
-      row[metric] = last[metric]
+  row = {'epochs': last.get('epoch', 0)}
+  row.update({m: last[m] for m in metrics if m in last})
   row['seconds'] = sum(r.get('epoch_seconds', 0.0) for r in records)
   if status == 'pending' and records:
     status = f'stopped at epoch {last["epoch"]}'
   row['status'] = status
-  row['workdir'] = point.name
-  return row
+  return row, records
+
+
+def result_row(point: Point, records: list[dict], status: str) -> dict:
+  """A table row: the grid values, then the metrics of the latest epoch up to
+  num_epochs, the seconds the epochs took, the status and the folder."""
+  row, _ = run_row(records, point.config.num_epochs, status, METRIC_COLUMNS)
+  return {**point.values, **row, 'workdir': point.name}
+
+
+def format_cell(value: Any, metrics: tuple[str, ...], column: str, empty: str = '') -> str:
+  """A table cell: metrics to 4 decimals, seconds whole, the rest as they are."""
+  if value is None:
+    return empty
+  if column in metrics:
+    return f'{value:.4f}'
+  if column == 'seconds':
+    return f'{value:.0f}'
+  return str(value)
+
+
+def markdown_rows(columns: list[str], rows: list[list[str]]) -> list[str]:
+  """A Markdown table's lines: the header, the rule, then each row of cells."""
+  return (['| ' + ' | '.join(columns) + ' |', '|' + ' --- |' * len(columns)] +
+          ['| ' + ' | '.join(cells) + ' |' for cells in rows])
 
 
 def ranking_metric(rows: list[dict]) -> Optional[str]:
@@ -295,16 +320,6 @@ def _columns(rows: list[dict], grid_fields: list[str]) -> list[str]:
   return grid_fields + ['epochs'] + metrics + ['seconds', 'status', 'workdir']
 
 
-def _cell(column: str, value: Any) -> str:
-  if value is None:
-    return ''
-  if column in METRIC_COLUMNS:
-    return f'{value:.4f}'
-  if column == 'seconds':
-    return f'{value:.0f}'
-  return str(value)
-
-
 def format_tables(rows: list[dict], grid_fields: list[str]) -> tuple[str, str]:
   """(results.csv, results.md) texts, both ranked; the markdown opens with how."""
   ranked, metric = rank(rows)
@@ -316,12 +331,10 @@ def format_tables(rows: list[dict], grid_fields: list[str]) -> tuple[str, str]:
     writer.writerow([row.get(c, '') for c in columns])
   lines = [ranking_note(metric),
            '`seconds`: the epochs\' wall time (training and evaluation; start-up and '
-           'compilation not included).', '',
-           '| ' + ' | '.join(columns) + ' |',
-           '|' + ' --- |' * len(columns)]
-  for row in ranked:
-    cells = [_cell(c, row.get(c)).replace('|', '\\|') for c in columns]
-    lines.append('| ' + ' | '.join(cells) + ' |')
+           'compilation not included).', '']
+  lines += markdown_rows(columns, [
+      [format_cell(row.get(c), METRIC_COLUMNS, c).replace('|', '\\|') for c in columns]
+      for row in ranked])
   return out.getvalue(), '\n'.join(lines) + '\n'
 
 
