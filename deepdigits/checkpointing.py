@@ -23,6 +23,9 @@ from deepdigits.preemption import Preempted
 LATEST = 'checkpoints'  # the newest max_to_keep states, for resuming
 BEST = 'best_checkpoint'  # the state with the best validation accuracy so far
 CORRUPT = 'corrupt_checkpoints'  # unreadable checkpoints, moved here, never deleted
+# Train-state fields added after checkpoints were first written; an older checkpoint
+# restores without them (a resumed epoch's sums then start at its resume).
+LATER_STATE_FIELDS = ('epoch_sums',)
 
 
 def make_manager(workdir: str, max_to_keep: int, kind: str = LATEST) -> ocp.CheckpointManager:
@@ -70,34 +73,60 @@ def describe_mismatch(saved_metadata, target) -> Optional[str]:
   return '; '.join(problems[:3]) + more
 
 
-def restore_latest(manager: ocp.CheckpointManager, target: Any) -> Optional[Any]:
+def restore_latest(manager: ocp.CheckpointManager, target: Any,
+                   set_aside: bool = True) -> Optional[Any]:
   """The newest readable checkpoint, restored with the shapes, dtypes and shardings of
   `target`, or None if there is none.
 
   A checkpoint from another model or config raises CheckpointError naming the
-  difference; an unreadable (corrupt or half-written) one is moved aside and the
-  previous one tried.
+  difference; an unreadable (corrupt or half-written) one is moved aside (or, with
+  `set_aside=False`, for commands that only read, left where it is) and the previous
+  one tried.
   """
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-  while (step := manager.latest_step()) is not None:
+  skipped = set()
+  while (step := max(set(manager.all_steps()) - skipped, default=None)) is not None:
     error = None
     try:
       metadata = manager.item_metadata(step)
     except Exception as e:  # pylint: disable=broad-except
       metadata, error = None, e
     if metadata is not None:
-      mismatch = describe_mismatch(metadata, target)
+      saved_fields = set(getattr(getattr(metadata, 'tree', metadata), 'keys', list)())
+      later = [f for f in LATER_STATE_FIELDS
+               if saved_fields and f not in saved_fields and hasattr(target, f)]
+      # A checkpoint written before a later field existed: its fields are restored into
+      # the target, and the later ones keep the target's (fresh) values.
+      wanted = ({f: getattr(target, f) for f in saved_fields} if later else target)
+      abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, wanted)
+      mismatch = describe_mismatch(metadata, wanted)
       if mismatch:
         raise CheckpointError(
             f'the checkpoint at {manager.directory}/{step} does not fit this run: '
             f'{mismatch}. Use a new --workdir for a different model, or the config '
             'that wrote it.')
       try:
-        return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+        return target.replace(**restored) if later else restored
       except Exception as e:  # pylint: disable=broad-except
         error = e
-    _set_aside(manager, step, error or ValueError('its metadata is unreadable'))
+    error = error or ValueError('its metadata is unreadable')
+    if set_aside:
+      _set_aside(manager, step, error)
+    else:
+      skipped.add(step)
+      warn(f'checkpoint {storage.join(manager.directory, str(step))} is unreadable '
+           f'({_reason(error)}); left as it is, trying the previous one.')
   return None
+
+
+def _reason(error: Exception) -> str:
+  reason = ' '.join(str(error).split())[:200] or type(error).__name__
+  return f'{type(error).__name__}: {reason}'
+
+
+def warn(message: str) -> None:
+  logging.warning(message)
+  print(f'deepdigits: warning: {message}', flush=True)
 
 
 def _set_aside(manager: ocp.CheckpointManager, step: int, error: Exception) -> None:
@@ -109,16 +138,13 @@ def _set_aside(manager: ocp.CheckpointManager, step: int, error: Exception) -> N
   while storage.exists(destination):
     destination = storage.join(corrupt_dir, f'{step}.{suffix}')
     suffix += 1
-  reason = ' '.join(str(error).split())[:200] or type(error).__name__
   if jax.process_index() == 0:
     storage.make_dirs(corrupt_dir)
     storage.move(source, destination)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices(f'deepdigits set aside checkpoint {step}')
-  message = (f'checkpoint {source} is unreadable ({type(error).__name__}: {reason}); '
-             f'moved to {destination}, trying the previous one.')
-  logging.warning(message)
-  print(f'deepdigits: warning: {message}', flush=True)
+  warn(f'checkpoint {source} is unreadable ({_reason(error)}); moved to {destination}, '
+       'trying the previous one.')
   manager.reload()
 
 
@@ -154,8 +180,9 @@ class RunCheckpoints:
       kept = (f'the last good checkpoint, step {latest}, is kept' if latest is not None
               else 'no checkpoint was written')
       raise NonFiniteError(
-          f'the loss or its gradients became NaN or Inf at step {bad_step + 1}; training '
-          f'stopped and {kept}. Lower --config.learning_rate or check the data.')
+          f'NaN or Inf in the update from step {bad_step} to {bad_step + 1} (in the loss, '
+          f'its gradients or the updated state); training stopped there and {kept}. '
+          'Lower --config.learning_rate or check the data.')
 
   def save(self, state: Any, step: int) -> None:
     """Saves the state at `step`, once, if it is finite (else stops the run)."""

@@ -1,6 +1,7 @@
 """One check of a config before any work, shared by the trainer and every command that
 trains or benchmarks (sweep and seeds check each point with it)."""
 
+import math
 from typing import Optional
 
 import ml_collections
@@ -24,9 +25,12 @@ def validate(config: ml_collections.ConfigDict, mesh: Optional[Mesh] = None) -> 
 
 def check_values(config: ml_collections.ConfigDict) -> None:
   """Rejects values that would fail later or train nonsense (no devices needed)."""
+  for name, value in config.items():
+    if isinstance(value, float) and not math.isfinite(value):
+      raise ConfigError(f'--config.{name}={value} is not a finite number.')
   positive = ('batch_size', 'eval_batch_size', 'learning_rate', 'checkpoint_every_epochs',
-              'max_to_keep')
-  non_negative = ('num_epochs', 'validation_size', 'train_subset',
+              'max_to_keep', 'num_epochs', 'adam_eps')
+  non_negative = ('validation_size', 'train_subset',
                   'bn_recalibration_batches', 'l2_weight', 'checkpoint_every_steps',
                   'warmup_epochs', 'augment_max_shift', 'augment_max_rotation',
                   'augment_elastic_alpha', 'bn_group_size')
@@ -36,9 +40,12 @@ def check_values(config: ml_collections.ConfigDict) -> None:
   for name in non_negative:
     if config[name] < 0:
       raise ConfigError(f'--config.{name}={config[name]} must be >= 0.')
-  for name in ('label_smoothing', 'ema_decay', 'augment_max_zoom'):
+  for name in ('label_smoothing', 'ema_decay', 'augment_max_zoom', 'adam_b1', 'adam_b2'):
     if not 0 <= config[name] < 1:
       raise ConfigError(f'--config.{name}={config[name]} must be in [0, 1).')
+  if not 0 <= config.seed < 2**32:
+    raise ConfigError(f'--config.seed={config.seed} must be in [0, 2**32): JAX keys take '
+                      'an unsigned 32-bit seed.')
   if config.augment_elastic_alpha and not config.augment_elastic_sigma > 0:
     raise ConfigError(f'--config.augment_elastic_sigma={config.augment_elastic_sigma} '
                       'must be > 0 when augment_elastic_alpha is set.')

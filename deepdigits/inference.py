@@ -75,7 +75,7 @@ def load_trained(workdir: str, config: Optional[ml_collections.ConfigDict] = Non
   mesh = sharding.make_mesh()
   template = train_state.create_train_state(config, model_factory.make_model(config), mesh)
   manager = checkpointing.make_manager(workdir, config.max_to_keep, kinds[checkpoint])
-  state = checkpointing.restore_latest(manager, template)
+  state = checkpointing.restore_latest(manager, template, set_aside=False)  # only reads
   manager.close()
   if state is None:
     raise CheckpointError(f'no readable checkpoint in {directory}; train there first.')

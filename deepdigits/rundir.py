@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import json
 import os
+from typing import Optional
 
 import jax
 import ml_collections
@@ -80,7 +81,7 @@ def recorded_config(config: ml_collections.ConfigDict) -> dict:
   """The config as config.json records it: JSON values, with the data folders made
   absolute so that later commands work from any folder."""
   recorded = json.loads(config.to_json_best_effort())
-  for field in ('data_dir', 'tfds_data_dir'):
+  for field in FOLDER_FIELDS:
     if recorded.get(field):
       recorded[field] = storage.absolute(recorded[field])
   return recorded
@@ -115,3 +116,80 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     if old in recorded and new not in recorded:
       recorded[new] = recorded.pop(old)
   return ml_collections.ConfigDict({**later_fields(recorded), **recorded})
+
+
+# ---------------------------------------------------------------- resuming
+
+# Fields that change how a run is watched, saved, fed or computed on this machine, never
+# what it computes: a resumed run may change them. (`num_epochs` has its own rules.)
+RESUMABLE_FIELDS = ('progress', 'tensorboard', 'model_summary', 'checkpoint_every_epochs',
+                    'checkpoint_every_steps', 'max_to_keep', 'eval_batch_size', 'download',
+                    'data_mirrors', 'feed', 'conv_impl', 'pool_impl')
+
+
+# Fields that name a folder: two spellings of one folder are the same value.
+FOLDER_FIELDS = ('data_dir', 'tfds_data_dir')
+
+
+def config_differences(recorded: dict, wanted: dict) -> list[str]:
+  """The fields that change what a run computes (all but RESUMABLE_FIELDS and
+  num_epochs) whose values differ, as phrases: "seed=0 there, 1 now"."""
+  show = lambda d, k: repr(d[k]) if k in d else 'unset'
+  same = lambda k: (show(recorded, k) == show(wanted, k) or (
+      k in FOLDER_FIELDS and recorded.get(k) and wanted.get(k) and
+      storage.resolved(recorded[k]) == storage.resolved(wanted[k])))
+  return [f'{k}={show(recorded, k)} there, {show(wanted, k)} now'
+          for k in sorted(set(recorded) | set(wanted))
+          if k not in RESUMABLE_FIELDS + ('num_epochs',) and not same(k)]
+
+
+def trained_epochs(workdir: str) -> int:
+  """The last epoch workdir's metrics.jsonl records (0 if none)."""
+  path = storage.join(workdir, 'metrics.jsonl')
+  if not storage.exists(path):
+    return 0
+  epochs = [json.loads(line)['epoch'] for line in storage.read_text(path).splitlines()
+            if line.strip()]
+  return max(epochs, default=0)
+
+
+def has_trained(workdir: str) -> bool:
+  """Whether workdir holds any checkpoint or epoch record of a run."""
+  checkpoints = storage.join(workdir, 'checkpoints')
+  return trained_epochs(workdir) > 0 or any(
+      name.isdigit() for name in storage.list_names(checkpoints))
+
+
+def num_epochs_problem(workdir: str, recorded: dict, config) -> Optional[str]:
+  """Why `config.num_epochs` cannot continue the run recorded in workdir, or None: fewer
+  epochs than it has trained, or another length of a cosine schedule (whose curve
+  num_epochs sets). More epochs of a constant learning rate extend the run."""
+  done, was, now = trained_epochs(workdir), recorded.get('num_epochs'), config.num_epochs
+  if now < done:
+    return (f'{workdir} has already trained {done} epochs, more than '
+            f'--config.num_epochs={now}: give at least {done}, score it with '
+            '--mode=evaluate, or use a new --workdir')
+  if now != was and config.lr_schedule == 'cosine':
+    return (f'--config.num_epochs={now} would change the length of the cosine '
+            f'learning-rate schedule that {workdir} was trained on ({was} epochs), so the '
+            'run could not go on along the same curve: keep num_epochs, or use a new '
+            '--workdir')
+  return None
+
+
+def check_resume(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Refuses to go on with a run in workdir under a config that would compute something
+  else than the one it was trained with, before any work (see config_differences and
+  num_epochs_problem). A workdir with a config.json but nothing trained yet is free."""
+  if not storage.is_file(storage.join(workdir, CONFIG_NAME)) or not has_trained(workdir):
+    return
+  recorded = read_config(workdir).to_dict()
+  differences = config_differences(recorded, recorded_config(config))
+  if differences:
+    more = f' and {len(differences) - 3} more' if len(differences) > 3 else ''
+    raise ConfigError(
+        f'{workdir} holds a run of another config ({"; ".join(differences[:3])}{more}): '
+        'resume it with the config it was trained with (its config.json), or use a new '
+        '--workdir.')
+  if problem := num_epochs_problem(workdir, recorded, config):
+    raise ConfigError(f'{problem}.')

@@ -35,6 +35,7 @@ from deepdigits.train_state import (
   create_train_state,
   evaluation_variables,
   learning_rate_schedule,
+  zero_epoch_sums,
 )
 
 AUGMENT_STREAM = 1 << 30  # folded into the base key for augmentation's own stream
@@ -91,9 +92,10 @@ def train_step(model: nn.Module, options: StepOptions, state: TrainState, images
   batch's sums of loss and correct predictions (pure).
 
   Dropout's and augmentation's keys are the base key folded with the step, so a resumed
-  run draws the same masks and moves. If the loss or a gradient is not finite, the
-  state stays as it was, from then on, and records the step: a poisoned state is never
-  produced, and the loop stops at its next check.
+  run draws the same masks and moves. If the loss, a gradient or anything the update
+  produces (parameters, optimizer state, BatchNorm statistics, averages) is not finite,
+  the state stays as it was, from then on, and records the step: a poisoned state is
+  never produced (so never saved), and the loop stops at its next check.
   """
   dropout_rng = jax.random.fold_in(state.rng, state.step)
   augment_rng = jax.random.fold_in(jax.random.fold_in(state.rng, AUGMENT_STREAM), state.step)
@@ -109,18 +111,25 @@ def train_step(model: nn.Module, options: StepOptions, state: TrainState, images
     updated = updated.replace(ema=ema_update(
         state.ema, {'params': updated.params, 'batch_stats': updated.batch_stats},
         options.ema_decay, state.step))
-  finite = jnp.isfinite(cross_entropy + l2) & jnp.all(jnp.array(
-      [jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+  finite = jnp.isfinite(cross_entropy + l2) & all_finite(
+      (grads, updated.params, updated.opt_state, updated.batch_stats, updated.ema))
   healthy = state.nonfinite_step < 0
-  state = jax.tree.map(lambda new, old: jnp.where(finite & healthy, new, old), updated, state)
-  state = state.replace(nonfinite_step=jnp.where(healthy & ~finite, state.step,
-                                                 state.nonfinite_step))
   batch_size = labels.shape[0]
   metrics = {'loss_sum': cross_entropy * batch_size,
              'l2_sum': l2 * batch_size,
-             'correct': jnp.sum(jnp.argmax(logits, -1) == labels),
+             'correct': jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.int32),
              'count': jnp.asarray(batch_size, jnp.float32)}
+  updated = updated.replace(epoch_sums=jax.tree.map(jnp.add, state.epoch_sums, metrics))
+  state = jax.tree.map(lambda new, old: jnp.where(finite & healthy, new, old), updated, state)
+  state = state.replace(nonfinite_step=jnp.where(healthy & ~finite, state.step,
+                                                 state.nonfinite_step))
   return state, metrics
+
+
+def all_finite(tree) -> jax.Array:
+  """Whether every float in `tree` is finite (a scalar bool, on the device)."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def train_step_from_order(model: nn.Module, options: StepOptions, batch_size: int,
@@ -161,6 +170,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   config_checks.validate(config, mesh)
   rundir.prepare(workdir)
   with rundir.locked(workdir):
+    rundir.check_resume(workdir, config)
     rundir.write_config(workdir, config)
     return _train_and_evaluate(config, workdir, mesh)
 
@@ -210,12 +220,16 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict:
     for epoch in range(step // steps_per_epoch, config.num_epochs):
       order = input_pipeline.run_epoch_order(config, epoch, len(train_split))
       epoch_start = time.perf_counter()
+      first = step - epoch * steps_per_epoch  # > 0 when resuming mid-epoch
+      if first == 0:  # else the checkpoint holds the sums of the epoch's earlier steps
+        state = state.replace(epoch_sums=jax.device_put(
+            zero_epoch_sums(), sharding.replicated(mesh)))
       progress = EpochProgress(config.progress, epoch + 1, config.num_epochs,
-                               steps_per_epoch, step - epoch * steps_per_epoch,
-                               config.batch_size)
-      state, step, sums = run_epoch_steps(
-          step_fn, state, step, feed.epoch(order, step - epoch * steps_per_epoch),
-          progress, preemption, checkpoints, config.checkpoint_every_steps)
+                               steps_per_epoch, first, config.batch_size)
+      state, step = run_epoch_steps(
+          step_fn, state, step, feed.epoch(order, first), progress, preemption,
+          checkpoints, config.checkpoint_every_steps)
+      sums = jax.device_get(state.epoch_sums)
       checkpoints.check_finite(state)
       train_seconds = time.perf_counter() - epoch_start
       record = {'epoch': epoch + 1, 'step': step, **train_metrics(sums)}
@@ -237,14 +251,13 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict:
 
 def run_epoch_steps(step_fn, state: TrainState, step: int, epoch_data, progress,
                     preemption, checkpoints, checkpoint_every_steps: int):
-  """The epoch's train steps from `step` on; returns the state, the step reached and
-  the epoch's summed metrics (on the host). A preemption saves and stops at a step
+  """The epoch's train steps from `step` on; returns the state (its `epoch_sums` those
+  of the whole epoch) and the step reached. A preemption saves and stops at a step
   boundary; `checkpoint_every_steps` saves within the epoch."""
-  sums, in_flight = None, collections.deque()
+  in_flight = collections.deque()
   for data_args in epoch_data:
     state, metrics = step_fn(state, *data_args)
     step += 1
-    sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
     # The in-flight cap: wait for the step before last, so that no more than
     # MAX_STEPS_IN_FLIGHT steps are queued (see sharding); its metrics feed the bar.
     in_flight.append(metrics)
@@ -256,7 +269,7 @@ def run_epoch_steps(step_fn, state: TrainState, step: int, epoch_data, progress,
     if checkpoint_every_steps and step % checkpoint_every_steps == 0:
       checkpoints.save(state, step)
   progress.close()
-  return state, step, jax.device_get(sums)
+  return state, step
 
 
 def train_metrics(sums: dict) -> dict:

@@ -17,12 +17,21 @@ LR_SCHEDULES = ('constant', 'cosine')
 
 
 class TrainState(train_state.TrainState):
-  """Flax's TrainState plus BatchNorm statistics, the base random key, and the moving
-  average of the weights."""
+  """Flax's TrainState plus BatchNorm statistics, the base random key, the moving
+  average of the weights, and the current epoch's metric sums."""
   batch_stats: Any
   rng: jax.Array  # raw uint32 key; dropout uses fold_in(rng, step)
-  nonfinite_step: jax.Array  # first step whose loss or gradients were not finite, or -1
+  nonfinite_step: jax.Array  # first step whose update was not finite, or -1
   ema: Any  # {'params', 'batch_stats'} averaged over steps if config.ema_decay, else {}
+  # The sums of the train step's metrics over the epoch's steps so far: in the
+  # checkpoint, so that a run resumed mid-epoch reports the whole epoch.
+  epoch_sums: Any
+
+
+def zero_epoch_sums() -> dict:
+  """The train step's metric sums before an epoch's first step."""
+  return {'loss_sum': jnp.zeros((), jnp.float32), 'l2_sum': jnp.zeros((), jnp.float32),
+          'correct': jnp.zeros((), jnp.int32), 'count': jnp.zeros((), jnp.float32)}
 
 
 def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
@@ -57,7 +66,8 @@ def create_train_state(config, model: nn.Module, mesh, steps_per_epoch: int = 1,
     return TrainState.create(apply_fn=model.apply, params=variables['params'],
                              batch_stats=variables['batch_stats'],
                              tx=make_optimizer(config, schedule), rng=dropout_rng,
-                             nonfinite_step=jnp.array(-1, jnp.int32), ema=ema)
+                             nonfinite_step=jnp.array(-1, jnp.int32), ema=ema,
+                             epoch_sums=zero_epoch_sums())
   return jax.jit(init, out_shardings=sharding.replicated(mesh))(
       jax.random.PRNGKey(config.seed))
 

@@ -40,6 +40,24 @@ def test_round_trip_restores_equal_trees(tmp_path):
   assert restored.params['conv1']['kernel'].sharding.is_fully_replicated
 
 
+def test_a_checkpoint_written_before_epoch_sums_existed_restores(tmp_path):
+  """The train state as checkpoints held it before `epoch_sums`: restored, with the
+  epoch's sums starting at zero."""
+  config = tiny_config('')
+  state = _state(config)
+  state = state.replace(step=state.step + 3,
+                        epoch_sums=jax.tree.map(lambda x: x + 5, state.epoch_sums))
+  old = {field: getattr(state, field) for field in
+         ('step', 'params', 'opt_state', 'batch_stats', 'rng', 'nonfinite_step', 'ema')}
+  manager = checkpointing.make_manager(str(tmp_path), max_to_keep=2)
+  manager.save(3, args=checkpointing.ocp.args.StandardSave(old))
+  manager.wait_until_finished()
+  restored = checkpointing.restore_latest(manager, _state(tiny_config('', seed=1)))
+  assert int(restored.step) == 3
+  assert_trees_equal((restored.params, restored.opt_state), (state.params, state.opt_state))
+  assert [int(x) for x in jax.tree.leaves(restored.epoch_sums)] == [0, 0, 0, 0]
+
+
 def test_no_checkpoint_restores_nothing(tmp_path):
   manager = checkpointing.make_manager(str(tmp_path), max_to_keep=2)
   assert checkpointing.restore_latest(manager, _state(tiny_config(''))) is None

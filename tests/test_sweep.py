@@ -77,9 +77,9 @@ def test_a_rerun_from_another_folder_or_with_other_output_fields_is_the_same_con
   recorded = rundir.read_config(str(tmp_path / 'run')).to_dict()
   assert recorded['data_dir'] == str(data_dir)
   config.progress = not config.progress
-  assert sweep.config_differences(recorded, rundir.recorded_config(config)) == []
+  assert rundir.config_differences(recorded, rundir.recorded_config(config)) == []
   config.learning_rate *= 2
-  assert sweep.config_differences(recorded, rundir.recorded_config(config)) == [
+  assert rundir.config_differences(recorded, rundir.recorded_config(config)) == [
       f'learning_rate={recorded["learning_rate"]!r} there, '
       f'{config.learning_rate!r} now']
 

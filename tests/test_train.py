@@ -141,8 +141,19 @@ def test_bn_recalibration_is_the_exact_average_over_batches(model_and_state, mni
 
 
 def test_bad_config_values_fail_with_clear_errors():
-  for field, value, message in (('num_epochs', -1, 'num_epochs=-1 must be >= 0'),
+  for field, value, message in (('num_epochs', -1, 'num_epochs=-1 must be > 0'),
+                                ('num_epochs', 0, 'num_epochs=0 must be > 0'),
                                 ('batch_size', 0, 'batch_size=0 must be > 0'),
+                                ('adam_eps', 0.0, 'adam_eps=0.0 must be > 0'),
+                                ('adam_eps', -1e-7, 'adam_eps=-1e-07 must be > 0'),
+                                ('adam_b1', 1.0, r'adam_b1=1.0 must be in \[0, 1\)'),
+                                ('adam_b2', -0.1, r'adam_b2=-0.1 must be in \[0, 1\)'),
+                                ('warmup_epochs', float('nan'),
+                                 'warmup_epochs=nan is not a finite number'),
+                                ('learning_rate', float('inf'),
+                                 'learning_rate=inf is not a finite number'),
+                                ('seed', -1, r'seed=-1 must be in \[0, 2\*\*32\)'),
+                                ('seed', 2**32, r'seed=4294967296 must be in \[0, 2\*\*32\)'),
                                 ('dtype', 'float16', "dtype='float16': use one of"),
                                 ('conv_impl', 'fft', "conv_impl='fft': use one of"),
                                 ('width_normalization', 29,

@@ -39,11 +39,6 @@ RANKING_METRICS = ('validation_accuracy_recalibrated', 'validation_accuracy',
                    'test_accuracy_recalibrated', 'test_accuracy')
 METRIC_COLUMNS = ('validation_accuracy', 'validation_accuracy_recalibrated',
                   'test_accuracy', 'test_accuracy_recalibrated')
-# Fields a point may change without its workdir counting as another experiment.
-EXTENDABLE_FIELDS = ('num_epochs',)
-# Fields that change what a run prints or writes beside its results, or where its
-# (checksum-verified) data comes from, never the results.
-OUTPUT_FIELDS = ('progress', 'tensorboard', 'model_summary', 'download', 'data_mirrors')
 TRUE_WORDS, FALSE_WORDS = ('true', '1', 'yes'), ('false', '0', 'no')
 
 Grid = list[tuple[str, list[Any]]]  # (field, values) in the order given
@@ -132,15 +127,6 @@ def point_config(config: ml_collections.ConfigDict,
   return config
 
 
-def config_differences(recorded: dict, wanted: dict) -> list[str]:
-  """Fields (other than EXTENDABLE_FIELDS and OUTPUT_FIELDS) whose values differ, as
-  readable phrases."""
-  show = lambda d, k: repr(d[k]) if k in d else 'unset'
-  return [f'{k}={show(recorded, k)} there, {show(wanted, k)} now'
-          for k in sorted(set(recorded) | set(wanted))
-          if k not in EXTENDABLE_FIELDS + OUTPUT_FIELDS and show(recorded, k) != show(wanted, k)]
-
-
 @dataclasses.dataclass
 class Point:
   """One point of the sweep and where it runs."""
@@ -166,12 +152,15 @@ def plan(config: ml_collections.ConfigDict, workdir: str,
       raise ConfigError(f'point {name}: {e}') from None
     point_dir = storage.join(workdir, name)
     if storage.is_file(storage.join(point_dir, rundir.CONFIG_NAME)):
-      differences = config_differences(rundir.read_config(point_dir).to_dict(),
-                                       rundir.recorded_config(cfg))
+      recorded = rundir.read_config(point_dir).to_dict()
+      differences = rundir.config_differences(recorded, rundir.recorded_config(cfg))
       if differences:
         raise ConfigError(
             f'{point_dir} was run with another config ({"; ".join(differences[:3])}); '
             'use a new --workdir, or delete that folder to run the point again.')
+      if rundir.has_trained(point_dir) and (
+          problem := rundir.num_epochs_problem(point_dir, recorded, cfg)):
+        raise ConfigError(f'point {name}: {problem}.')
     points.append(Point(values, name, cfg, point_dir))
   return points
 
