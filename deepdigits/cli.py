@@ -1,17 +1,67 @@
 """What every command-line entry shares: flag parsing and config loading that end in one
 clear line, not a traceback."""
 
+import importlib.util
+import os
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
+import ml_collections
 from absl import app, flags, logging
 
 from deepdigits import host_memory, storage
 
 
+def config_argument(argv) -> Optional[str]:
+  """The file of a --config=FILE[:ARG] (or --config FILE) argument, or None."""
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg.split('=', 1)[1].split(':', 1)[0]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1].split(':', 1)[0]
+  return None
+
+
+def config_file_problem(path: str) -> Optional[str]:
+  """Why a config file cannot give a config, or None: it does not import (a syntax
+  error, an exception), has no get_config(), which raises or returns no ConfigDict.
+
+  The file's folder's parent goes on sys.path first, so that `from configs import
+  default` works from any folder, as it does for main.py in the repository.
+  """
+  if not os.path.isfile(path):
+    return None  # config_flags says so itself
+  root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+  if root not in sys.path:
+    sys.path.append(root)
+  spec = importlib.util.spec_from_file_location('deepdigits_config_check', path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    return f'line {e.lineno}: {e.msg} (a syntax error)'
+  except Exception as e:  # pylint: disable=broad-except (whatever the file raises)
+    return f'it does not import: {type(e).__name__}: {e}'
+  if not callable(getattr(module, 'get_config', None)):
+    return 'it defines no get_config() function'
+  try:
+    config = module.get_config()
+  except TypeError:
+    return None  # get_config(arg): config_flags calls it with the :ARG part
+  except Exception as e:  # pylint: disable=broad-except
+    return f'get_config() raised {type(e).__name__}: {e}'
+  if not isinstance(config, ml_collections.ConfigDict):
+    return (f'get_config() returned {config!r:.40} ({type(config).__name__}), not an '
+            'ml_collections.ConfigDict')
+  return None
+
+
 def parse_flags(argv):
   """absl's parsing (for `app.run(..., flags_parser=parse_flags)`), plus one clear line
   for an unknown config field or a config file that does not load."""
+  path = config_argument(argv)
+  if path and (problem := config_file_problem(path)):
+    sys.exit(f'deepdigits: error: --config={path}: {problem}.')
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
@@ -57,6 +107,12 @@ def run_command(body: Callable[..., Any], takes_args: bool = False) -> None:
     from deepdigits.preemption import Preempted  # pylint: disable=g-import-not-at-top
     try:
       status = body(args) if takes_args else body()
+    except KeyboardInterrupt:
+      # Ctrl-C outside the training loop (e.g. while compiling): nothing to save; leave
+      # at once, before the interpreter's teardown races XLA's threads.
+      print('deepdigits: interrupted.', file=sys.stderr, flush=True)
+      sys.stdout.flush()
+      os._exit(130)
     except Preempted as e:
       print(f'deepdigits: {e}', file=sys.stderr)
       sys.exit(e.exit_code)

@@ -52,14 +52,35 @@ def scale_images(images: jnp.ndarray, dtype=jnp.float32) -> jnp.ndarray:
 
 
 def find_idx_file(data_dir: str, stem: str) -> str:
-  """The path of `stem` or `stem.gz` in data_dir, or a DataError naming what is missing."""
+  """The path of `stem` or `stem.gz` in data_dir, or a DataError naming what is missing
+  or wrong (not a file, a broken link, both forms with different contents)."""
   if not os.path.isdir(data_dir):
     raise DataError(f'data_dir {data_dir!r} is not a directory. {IDX_HINT}')
+  found = []
   for name in (stem + '.gz', stem):
     path = os.path.join(data_dir, name)
     if os.path.isfile(path):
-      return path
-  raise DataError(f'{stem}[.gz] not found in {data_dir!r}. {IDX_HINT}')
+      found.append(path)
+    elif os.path.lexists(path):
+      what = ('a broken link or a link loop' if not os.path.exists(path) else
+              'a folder' if os.path.isdir(path) else 'not a regular file')
+      raise DataError(f'{path} is {what}, not an IDX file; replace it with the file.')
+  if not found:
+    raise DataError(f'{stem}[.gz] not found in {data_dir!r}. {IDX_HINT}')
+  if len(found) == 2 and _file_bytes(found[0]) != _file_bytes(found[1]):
+    raise DataError(f'{data_dir!r} holds both {stem}.gz and {stem}, with different '
+                    'contents; remove the wrong one.')
+  return found[0]
+
+
+def _file_bytes(path: str) -> bytes:
+  """A file's contents, gunzipped if it is gzip (a damaged one: its raw bytes)."""
+  with open(path, 'rb') as f:
+    raw = f.read()
+  try:
+    return gzip.decompress(raw) if raw[:2] == b'\x1f\x8b' else raw
+  except (OSError, EOFError):
+    return raw
 
 
 def read_idx(path: str, magic: int, item_shape: tuple[int, ...] = ()) -> np.ndarray:
@@ -77,6 +98,9 @@ def read_idx(path: str, magic: int, item_shape: tuple[int, ...] = ()) -> np.ndar
     raise DataError(f'{path}: {len(raw)} bytes, shorter than the {header_size}-byte IDX '
                     'header; the file is truncated.')
   found_magic = int.from_bytes(raw[:4], 'big')
+  if raw[:2] == b'\x1f\x8b':
+    raise DataError(f'{path} is gzip-compressed but not named .gz; rename it to '
+                    f'{os.path.basename(path)}.gz.')
   if found_magic != magic:
     raise DataError(f'{path}: IDX magic number 0x{found_magic:08x}, expected '
                     f'0x{magic:08x}; this is not the right MNIST file.')
@@ -164,6 +188,9 @@ def load_datasets(config, as_input: bool = True) -> dict[str, Split]:
     idx_dir = idx_folder(config)
     read = lambda split: read_idx_split(idx_dir, split)
   full_train, test = read('train'), read('test')
+  if not len(test):
+    raise DataError('the test split holds no images; MNIST has 10,000: check the test '
+                    'files (t10k-*) of the data folder.')
   if config.validation_size >= len(full_train):
     raise DataError(f'validation_size={config.validation_size} leaves no training '
                     f'images out of {len(full_train)}.')

@@ -12,6 +12,7 @@ import tqdm
 from tensorboardX import SummaryWriter
 
 from deepdigits import storage
+from deepdigits.errors import DeepDigitsError
 
 # Record keys that are not TensorBoard scalars.
 NOT_SCALARS = ('epoch', 'step', 'best_checkpoint')
@@ -27,12 +28,25 @@ class MetricsLog:
     self.enabled = jax.process_index() == 0
     self.tensorboard = tensorboard and self.enabled
     self._writer = None
+    self.cut_off = False  # set by records(): the file's last line was cut off
 
   def records(self) -> list[dict]:
+    """The epoch records; a last line cut off by a kill mid-write is left out (and
+    `cut_off` set), a damaged line before it is a DeepDigitsError naming it."""
+    self.cut_off = False
     if not storage.exists(self.path):
       return []
-    return [json.loads(line) for line in storage.read_text(self.path).splitlines()
-            if line.strip()]
+    lines = [line for line in storage.read_text(self.path).splitlines() if line.strip()]
+    records = []
+    for number, line in enumerate(lines, 1):
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        if number < len(lines):
+          raise DeepDigitsError(f'{self.path}: line {number} is not a JSON record; the '
+                                'file is damaged (fix or remove that line).') from None
+        self.cut_off = True
+    return records
 
   def keep_until(self, step: int) -> None:
     """Drops records written after `step`, the step a resumed run restarts from, so the
@@ -41,7 +55,11 @@ class MetricsLog:
       return
     records = self.records()
     kept = [r for r in records if r['step'] <= step]
-    if len(kept) != len(records):
+    if self.cut_off:
+      print(f'deepdigits: warning: the last line of {self.path} was cut off (a stop '
+            'mid-write); removed, and the run goes on from its last checkpoint.',
+            flush=True)
+    if len(kept) != len(records) or self.cut_off:
       storage.write_text(self.path, ''.join(json.dumps(r) + '\n' for r in kept))
 
   def write(self, record: dict) -> None:

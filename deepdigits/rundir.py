@@ -111,11 +111,29 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   if not storage.is_file(path):
     raise ConfigError(f'{path} not found: {workdir!r} is not the workdir of a training '
                       'run.')
-  recorded = json.loads(storage.read_text(path))
+  try:
+    recorded = json.loads(storage.read_text(path))
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ConfigError(f'{path} is not valid JSON ({e}); the run\'s config is damaged: '
+                      'restore it, or give the run\'s config with --config.') from None
+  if not isinstance(recorded, dict):
+    raise ConfigError(f'{path} holds no config (a JSON {type(recorded).__name__}, not an '
+                      'object); restore it, or give the run\'s config with --config.')
   for old, new in RENAMED_FIELDS.items():
     if old in recorded and new not in recorded:
       recorded[new] = recorded.pop(old)
-  return ml_collections.ConfigDict({**later_fields(recorded), **recorded})
+  config = ml_collections.ConfigDict({**later_fields(recorded), **recorded})
+  from deepdigits import config_checks  # pylint: disable=g-import-not-at-top
+  try:
+    config_checks.check_values(config)
+  except ConfigError as e:
+    raise ConfigError(f'{path}: {str(e).removeprefix("--config.")}') from None
+  except (AttributeError, KeyError, TypeError) as e:  # a field missing or mistyped
+    reason = ' '.join(str(e).split())[:160]
+    raise ConfigError(f'{path} is not a complete, well-typed config ({type(e).__name__}: '
+                      f'{reason}); restore it, or give the run\'s config with '
+                      '--config.') from None
+  return config
 
 
 # ---------------------------------------------------------------- resuming
@@ -145,12 +163,8 @@ def config_differences(recorded: dict, wanted: dict) -> list[str]:
 
 def trained_epochs(workdir: str) -> int:
   """The last epoch workdir's metrics.jsonl records (0 if none)."""
-  path = storage.join(workdir, 'metrics.jsonl')
-  if not storage.exists(path):
-    return 0
-  epochs = [json.loads(line)['epoch'] for line in storage.read_text(path).splitlines()
-            if line.strip()]
-  return max(epochs, default=0)
+  from deepdigits.metrics_log import MetricsLog  # pylint: disable=g-import-not-at-top
+  return max((r['epoch'] for r in MetricsLog(workdir).records()), default=0)
 
 
 def has_trained(workdir: str) -> bool:

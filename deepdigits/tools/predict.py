@@ -26,12 +26,27 @@ FLAGS = flags.FLAGS
 TOP_K = 3
 
 
+# Pillow's modes of more than 8 bits per grey level: 16-bit PNG and TIFF open as these.
+WIDE_GREY_MODES = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N')
+
+
 def read_gray(path: str) -> np.ndarray:
-  """The image file as grey levels float32 [H, W] in 0..255; transparency is composed
-  onto white (a drawing on a transparent canvas reads as ink on paper)."""
+  """The image file (its first frame) as grey levels float32 [H, W] in 0..255, from any
+  mode Pillow opens: grey, palette, RGB(A), CMYK, 1-bit, 16-bit (scaled down, not
+  clipped) and float; transparency is composed onto white (a drawing on a transparent
+  canvas reads as ink on paper)."""
   try:
     with Image.open(path) as image:
       image = ImageOps.exif_transpose(image)  # phone photos: the orientation as shown
+      if image.mode in WIDE_GREY_MODES:
+        values = np.asarray(image, np.float64)
+        peak = values.max(initial=0)
+        top = (65535.0 if image.mode != 'I' or 255 < peak <= 65535 else
+               255.0 if peak <= 255 else peak)  # 32-bit 'I': its range as found
+        return (values * (255.0 / top)).astype(np.float32)
+      if image.mode == 'F':
+        values = np.asarray(image, np.float32)
+        return np.clip(values * 255 if values.max(initial=0) <= 1 else values, 0, 255)
       if image.mode in ('RGBA', 'LA', 'PA') or 'transparency' in image.info:
         image = image.convert('RGBA')
         white = Image.new('RGBA', image.size, (255, 255, 255, 255))
@@ -43,6 +58,8 @@ def read_gray(path: str) -> np.ndarray:
     raise ImageError('is a directory, not an image file.') from None
   except UnidentifiedImageError:
     raise ImageError('not an image file (or a format Pillow cannot read).') from None
+  except Image.DecompressionBombError as e:
+    raise ImageError(f'too large to read safely ({e})') from None
   except (OSError, ValueError, SyntaxError) as e:  # truncated or damaged image data
     raise ImageError(f'unreadable image: {e}') from None
 
