@@ -185,8 +185,9 @@ def test_an_image_over_the_decompression_bomb_limit_is_one_error(tmp_path, monke
 
 
 def test_ctrl_c_while_compiling_exits_130_with_one_line(tiny_mnist_dir, tmp_path):
-  env = dict(os.environ, PYTHONUNBUFFERED='1',
+  env = dict(os.environ, PYTHONUNBUFFERED='1', JAX_ENABLE_COMPILATION_CACHE='false',
              XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env.pop('JAX_COMPILATION_CACHE_DIR', None)  # a cached step would compile at once
   process = subprocess.Popen(
       [sys.executable, str(REPO / 'main.py'), '--config=configs/default.py',
        f'--workdir={tmp_path}', f'--config.data_dir={tiny_mnist_dir}',
