@@ -9,6 +9,8 @@ Nothing is ever deleted here: an unreadable checkpoint is moved to
 `workdir/corrupt_checkpoints/` and the previous one restored.
 """
 
+import os
+import shutil
 from typing import Any, Optional
 
 import jax
@@ -148,6 +150,17 @@ def _set_aside(manager: ocp.CheckpointManager, step: int, error: Exception) -> N
   manager.reload()
 
 
+def remove_partial_saves(directory: str) -> None:
+  """Removes the `<step>.orbax-checkpoint-tmp` folders a stopped save left in a local
+  checkpoint folder (process 0, under the workdir's lock): half-written, never trusted
+  by Orbax, they only hold disk space. Finished checkpoints are never touched."""
+  if jax.process_index() != 0 or storage.is_remote(directory) or not os.path.isdir(directory):
+    return
+  for name in os.listdir(directory):
+    if name.endswith('.orbax-checkpoint-tmp'):
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+
+
 def selection_metric(record: dict) -> float:
   """What model selection maximises: validation accuracy (with recalibrated BatchNorm
   statistics when the run re-estimates them); never test accuracy."""
@@ -162,6 +175,9 @@ class RunCheckpoints:
 
   def __init__(self, workdir: str, max_to_keep: int, keep_best: bool,
                previous_records: list[dict]):
+    self.workdir = workdir
+    remove_partial_saves(storage.join(storage.absolute(workdir), LATEST))
+    remove_partial_saves(storage.join(storage.absolute(workdir), BEST))
     self.latest = make_manager(workdir, max_to_keep)
     self.best = make_manager(workdir, 1, BEST) if keep_best else None
     self.best_so_far = max((selection_metric(r) for r in previous_records), default=-1.0)
@@ -185,10 +201,30 @@ class RunCheckpoints:
           'Lower --config.learning_rate or check the data.')
 
   def save(self, state: Any, step: int) -> None:
-    """Saves the state at `step`, once, if it is finite (else stops the run)."""
+    """Saves the state at `step`, once, if it is finite (else stops the run) and the
+    disk has room for it (else stops the run, the last checkpoint intact)."""
     self.check_finite(state)
     if self.latest.latest_step() != step:
+      self.check_space(state, self.latest)
       save(self.latest, state)
+
+  def check_space(self, state: Any, manager: ocp.CheckpointManager) -> None:
+    """A CheckpointError before a save that a local disk has no room for (object stores
+    are not checked): Orbax writes in background threads, and a full disk there would
+    end the run in their tracebacks with a half-written folder."""
+    if storage.is_remote(manager.directory):
+      return
+    need = sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, 'nbytes'))
+    manager.wait_until_finished()  # a save in flight is still taking its space
+    free = shutil.disk_usage(str(manager.directory)).free
+    if free < 1.05 * need + (4 << 20):
+      latest = self.latest.latest_step()
+      kept = (f'the last checkpoint, step {latest}, is intact' if latest is not None
+              else 'no checkpoint was written')
+      raise CheckpointError(
+          f'no room for a checkpoint in {manager.directory}: {free / 2**20:.0f} MiB free, '
+          f'a checkpoint takes about {need / 2**20:.0f} MiB; {kept}. Free some space, '
+          'then run the same command to resume.')
 
   def save_and_stop(self, state: Any, step: int, preemption) -> None:
     """On a preemption signal: saves, waits for the write, and raises Preempted."""
@@ -203,6 +239,7 @@ class RunCheckpoints:
     `selection_metric`, and marks the record so."""
     if self.best and selection_metric(record) > self.best_so_far:
       self.best_so_far = selection_metric(record)
+      self.check_space(state, self.best)
       save(self.best, state)
       record['best_checkpoint'] = True
 

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO, tiny_config
 from deepdigits import checkpointing, model_factory, rundir, sharding, train, train_state
-from deepdigits.errors import ConfigError, NonFiniteError
+from deepdigits.errors import CheckpointError, ConfigError, NonFiniteError
 
 TIMING_KEYS = {'epoch_seconds', 'train_seconds', 'train_images_per_second',
                'host_memory_mib'}
@@ -210,3 +210,24 @@ def test_bad_data_stops_main_with_one_line(case, tiny_mnist_dir, tmp_path):
   errors = [line for line in result.stderr.splitlines() if line.startswith('deepdigits:')]
   assert len(errors) == 1
   assert not (tmp_path / 'run' / 'checkpoints').exists()  # stopped before any training
+
+
+def test_a_full_disk_stops_before_the_save_and_leftovers_go_at_the_next_start(
+    tiny_mnist_dir, tmp_path, monkeypatch):
+  config = tiny_config(tiny_mnist_dir)
+  usage = checkpointing.shutil.disk_usage
+  monkeypatch.setattr(checkpointing.shutil, 'disk_usage',
+                      lambda path: usage(path)._replace(free=5 << 20))  # 5 MiB free
+  with pytest.raises(CheckpointError) as info:
+    train.train_and_evaluate(config, str(tmp_path))
+  assert str(info.value) == (
+      f'no room for a checkpoint in {tmp_path}/checkpoints: 5 MiB free, a checkpoint takes '
+      'about 30 MiB; no checkpoint was written. Free some space, then run the same command '
+      'to resume.')
+  assert os.listdir(tmp_path / 'checkpoints') == []
+  monkeypatch.undo()
+  # What a save stopped mid-write leaves: removed at the next start, which trains on.
+  (tmp_path / 'checkpoints' / '8.orbax-checkpoint-tmp' / 'default').mkdir(parents=True)
+  record = train.train_and_evaluate(config, str(tmp_path))
+  assert record['step'] == 8
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['8']
