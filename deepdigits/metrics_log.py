@@ -4,7 +4,10 @@ each epoch. Only process 0 reports in a multi-host run. Also the lines that
 `main.py --mode=evaluate` prints."""
 
 import json
+import os
+import shutil
 import sys
+import tempfile
 import time
 
 import jax
@@ -69,14 +72,34 @@ class MetricsLog:
     print(format_record(record), flush=True)
     if self.tensorboard:
       if self._writer is None:
-        self._writer = SummaryWriter(self.workdir)
+        self._writer = SummaryWriter(self._events_dir())
       for tag, value in tensorboard_scalars(record).items():
         self._writer.add_scalar(tag, value, record['step'])
       self._writer.flush()
+      self._upload_events()
+
+  def _events_dir(self) -> str:
+    """Where tensorboardX writes: the workdir, or for an object store a local folder
+    whose files are copied there after each epoch (through `storage`, as every other
+    file of the run)."""
+    if not storage.is_remote(self.workdir):
+      return self.workdir
+    self._local_events = tempfile.mkdtemp(prefix='deepdigits-events-')
+    return self._local_events
+
+  def _upload_events(self) -> None:
+    if getattr(self, '_local_events', None):
+      for name in os.listdir(self._local_events):
+        with open(os.path.join(self._local_events, name), 'rb') as f:
+          storage.write_bytes(storage.join(self.workdir, name), f.read())
 
   def close(self) -> None:
     if self._writer is not None:
       self._writer.close()
+      self._upload_events()
+      if getattr(self, '_local_events', None):
+        shutil.rmtree(self._local_events, ignore_errors=True)
+      self._writer = None
 
 
 def tensorboard_scalars(record: dict) -> dict[str, float]:

@@ -193,7 +193,9 @@ def test_ctrl_c_while_compiling_exits_130_with_one_line(tiny_mnist_dir, tmp_path
        f'--workdir={tmp_path}', f'--config.data_dir={tiny_mnist_dir}',
        '--config.batch_size=64', '--config.num_epochs=1', '--config.model_summary=False',
        '--config.progress=False'],
-      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      # pytest-xdist's workers ignore SIGINT, and a child would inherit that
+      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   for line in process.stdout:
     if 'steps of 64 images' in line:  # printed just before the train step compiles
       process.send_signal(signal.SIGINT)
