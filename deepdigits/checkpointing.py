@@ -191,14 +191,17 @@ class RunCheckpoints:
     """Stops the run if a step saw a NaN or Inf; the train step froze the state there."""
     bad_step = int(state.nonfinite_step)
     if bad_step >= 0:
-      self.latest.wait_until_finished()
-      latest = self.latest.latest_step()
-      kept = (f'the last good checkpoint, step {latest}, is kept' if latest is not None
-              else 'no checkpoint was written')
+      kept = self._last_checkpoint('the last good checkpoint, step {}, is kept')
       raise NonFiniteError(
           f'NaN or Inf in the update from step {bad_step} to {bad_step + 1} (in the loss, '
           f'its gradients or the updated state); training stopped there and {kept}. '
           'Lower --config.learning_rate or check the data.')
+
+  def _last_checkpoint(self, phrase: str) -> str:
+    """`phrase` with the newest finished checkpoint's step, for a stopping message."""
+    self.latest.wait_until_finished()
+    latest = self.latest.latest_step()
+    return phrase.format(latest) if latest is not None else 'no checkpoint was written'
 
   def save(self, state: Any, step: int) -> None:
     """Saves the state at `step`, once, if it is finite (else stops the run) and the
@@ -218,9 +221,7 @@ class RunCheckpoints:
     manager.wait_until_finished()  # a save in flight is still taking its space
     free = shutil.disk_usage(str(manager.directory)).free
     if free < 1.05 * need + (4 << 20):
-      latest = self.latest.latest_step()
-      kept = (f'the last checkpoint, step {latest}, is intact' if latest is not None
-              else 'no checkpoint was written')
+      kept = self._last_checkpoint('the last checkpoint, step {}, is intact')
       raise CheckpointError(
           f'no room for a checkpoint in {manager.directory}: {free / 2**20:.0f} MiB free, '
           f'a checkpoint takes about {need / 2**20:.0f} MiB; {kept}. Free some space, '
