@@ -76,10 +76,14 @@ def test_checkpoint_of_another_model_is_a_clear_error(tmp_path):
 
 
 def test_interrupted_run_resumes_to_the_same_result(tiny_mnist_dir, tmp_path):
+  """Also the rotation: a checkpoint every 2 steps, the newest 3 kept."""
   config = lambda epochs: tiny_config(tiny_mnist_dir, num_epochs=epochs,
-                                      bn_recalibration_batches=2)
+                                      bn_recalibration_batches=2, checkpoint_every_steps=2,
+                                      max_to_keep=3)
   straight = train.train_and_evaluate(config(2), str(tmp_path / 'straight'))
   train.train_and_evaluate(config(1), str(tmp_path / 'resumed'))  # "killed" after epoch 1
+  assert sorted(int(p.name) for p in (tmp_path / 'resumed' / 'checkpoints').iterdir()) == [
+      4, 6, 8]
   resumed = train.train_and_evaluate(config(2), str(tmp_path / 'resumed'))
   for key in ('step', 'train_loss', 'train_accuracy', 'test_loss', 'test_accuracy',
               'test_accuracy_recalibrated'):
@@ -90,10 +94,49 @@ def test_interrupted_run_resumes_to_the_same_result(tiny_mnist_dir, tmp_path):
   for name in ('straight', 'resumed'):
     manager = checkpointing.make_manager(str(tmp_path / name), max_to_keep=3)
     final[name] = checkpointing.restore_latest(manager, _state(config(2)))
-    assert manager.all_steps() == [8, 16]
+    assert manager.all_steps() == [12, 14, 16]
   assert_trees_equal(final['straight'].params, final['resumed'].params)
   assert_trees_equal(final['straight'].opt_state, final['resumed'].opt_state)
   assert_trees_equal(final['straight'].batch_stats, final['resumed'].batch_stats)
 
   metrics = [line for line in (tmp_path / 'resumed' / 'metrics.jsonl').read_text().splitlines()]
   assert [json.loads(m)['epoch'] for m in metrics] == [1, 2]
+
+
+def _mark_best(workdir, state, records, previous_records=()):
+  """Which of `records` (one per epoch) RunCheckpoints marks as the new best, and the
+  step the best checkpoint then holds."""
+  checkpoints = checkpointing.RunCheckpoints(str(workdir), 3, keep_best=True,
+                                             previous_records=list(previous_records))
+  for epoch, record in enumerate(records, 1):
+    checkpoints.keep_if_best(state.replace(step=jax.numpy.asarray(epoch)), record)
+  checkpoints.close()
+  kept = [int(p.name) for p in (workdir / checkpointing.BEST).iterdir()]
+  return [epoch for epoch, r in enumerate(records, 1) if r.get('best_checkpoint')], kept
+
+
+def test_the_best_checkpoint_follows_validation_never_test_and_recalibrated_first(tmp_path):
+  """On records whose three orderings disagree: with recalibrated statistics the choice
+  is by their validation accuracy, else by the running statistics' one; the test
+  accuracy never counts, and a tie keeps the earlier epoch."""
+  state = _state(tiny_config(''))
+  recalibrated = [
+      {'validation_accuracy': 0.90, 'validation_accuracy_recalibrated': 0.95,
+       'test_accuracy': 0.99},
+      {'validation_accuracy': 0.97, 'validation_accuracy_recalibrated': 0.93,
+       'test_accuracy': 0.995},
+      {'validation_accuracy': 0.91, 'validation_accuracy_recalibrated': 0.96,
+       'test_accuracy': 0.90},
+      {'validation_accuracy': 0.99, 'validation_accuracy_recalibrated': 0.96,
+       'test_accuracy': 0.999},
+  ]
+  assert _mark_best(tmp_path / 'recalibrated', state, recalibrated) == ([1, 3], [3])
+  running = [{'validation_accuracy': 0.90, 'test_accuracy': 0.99},
+             {'validation_accuracy': 0.95, 'test_accuracy': 0.90},
+             {'validation_accuracy': 0.93, 'test_accuracy': 0.999}]
+  assert _mark_best(tmp_path / 'running', state, running) == ([1, 2], [2])
+  # A resumed run measures new epochs against the best of the records it resumes.
+  later = [{'validation_accuracy': 0.99, 'validation_accuracy_recalibrated': 0.955},
+           {'validation_accuracy': 0.80, 'validation_accuracy_recalibrated': 0.97}]
+  assert _mark_best(tmp_path / 'resumed', state, later, previous_records=recalibrated) == (
+      [2], [2])

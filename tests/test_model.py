@@ -208,3 +208,57 @@ def test_recalibration_moments_are_whole_batch_statistics_for_grouped_models(var
                                         variables['batch_stats'], images)
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
                moments(DeepDigitsCNN(bn_group_size=2)), moments(DeepDigitsCNN()))
+
+
+def test_dropout_rates_and_places_are_the_originals(variables):
+  """In training, each dropout layer zeroes its rate of the activations it is given
+  (0.25 after each pooling, 0.5 after each hidden dense block) and scales the rest by
+  1 / (1 - rate); in evaluation none drops anything."""
+  x = jax.random.uniform(jax.random.PRNGKey(5), (64, 28, 28, 1))
+  seen = []
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if isinstance(context.module, nn.Dropout) and context.method_name == '__call__':
+      seen.append((context.module.rate, np.asarray(args[0]), np.asarray(out)))
+    return out
+
+  for train in (True, False):
+    seen.clear()
+    with nn.intercept_methods(record):
+      DeepDigitsCNN().apply(variables, x, train=train, mutable=['batch_stats'],
+                            rngs={'dropout': jax.random.PRNGKey(6)})
+    assert [(rate, inputs.shape[1:]) for rate, inputs, _ in seen] == [
+        (0.25, (12, 12, 64)), (0.25, (4, 4, 256)), (0.5, (512,)), (0.5, (256,))]
+    for rate, inputs, outputs in seen:
+      live = inputs != 0
+      dropped = live & (outputs == 0)
+      if not train:
+        np.testing.assert_array_equal(outputs, inputs)
+        continue
+      fraction = dropped.sum() / live.sum()
+      # At least 16,384 live activations a layer: 4 standard deviations is under 0.015.
+      assert live.sum() >= 16_384 and abs(fraction - rate) < 0.015, (rate, fraction)
+      kept = live & ~dropped
+      np.testing.assert_allclose(outputs[kept], inputs[kept] / (1 - rate), rtol=1e-6)
+
+
+def test_kernels_start_glorot_uniform_and_biases_at_zero(variables):
+  """Keras' defaults: kernels uniform on +-sqrt(6 / (fan_in + fan_out)), with the 3x3
+  window counted in both fans of a convolution; biases 0; BatchNorm scale 1, bias 0."""
+  params = variables['params']
+  kernels = {name: p['kernel'] for name, p in params.items() if 'kernel' in p}
+  assert sorted(kernels) == ['conv1', 'conv2', 'conv3', 'conv4', 'dense1', 'dense2', 'logits']
+  for name, kernel in kernels.items():
+    kernel = np.asarray(kernel, np.float64)
+    window = np.prod(kernel.shape[:-2])
+    bound = np.sqrt(6 / (window * kernel.shape[-2] + window * kernel.shape[-1]))
+    assert np.abs(kernel).max() <= bound, name
+    # Uniform: the extremes come within a few percent of the bound, the spread is
+    # bound / sqrt(3) (conv1, the smallest, has 288 entries).
+    assert np.abs(kernel).max() > 0.97 * bound, name
+    np.testing.assert_allclose(kernel.std(), bound / np.sqrt(3), rtol=0.06, err_msg=name)
+    np.testing.assert_array_equal(params[name]['bias'], 0)
+  for i in range(1, 7):
+    np.testing.assert_array_equal(params[f'bn{i}']['scale'], 1)
+    np.testing.assert_array_equal(params[f'bn{i}']['bias'], 0)

@@ -4,7 +4,6 @@ average of the weights."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from conftest import tiny_config
@@ -20,6 +19,7 @@ from deepdigits import (
 )
 from deepdigits.data import scale_images
 from deepdigits.errors import ConfigError
+from deepdigits.model import DeepDigitsCNN
 
 
 @pytest.fixture(scope='module')
@@ -81,14 +81,48 @@ def test_elastic_distortion_keeps_the_affine_maps_of_runs_without_it(images):
   assert float(jnp.abs(affine_only - images).mean()) > 0.01
 
 
-def test_whole_pixel_shift_moves_the_digit_exactly(images):
-  """With a shift range that can only give (+1, -1) here, the pull map is exact."""
-  matrix = augment.random_affine(jax.random.PRNGKey(0), 0.0, 0.0, 0.0, 28)
-  np.testing.assert_allclose(matrix, np.eye(4), atol=1e-7)
-  shift = jnp.array([[1, 0, 0, -1.0], [0, 1, 0, 1.0], [0, 0, 1, 0], [0, 0, 0, 1]])
-  import dm_pix  # pylint: disable=g-import-not-at-top
-  moved = dm_pix.affine_transform(images[0], shift, order=1, mode='constant', cval=0.0)
-  np.testing.assert_allclose(moved[1:, :-1], images[0][:-1, 1:], atol=1e-6)
+def _blob_images(count: int, row: int, col: int) -> jax.Array:
+  """`count` black 28x28 images, each with a 2x2 square of ink at (row, col)."""
+  images = np.zeros((count, 28, 28, 1), np.float32)
+  images[:, row:row + 2, col:col + 2] = 1.0
+  return jnp.asarray(images)
+
+
+def _centres_of_mass(images) -> np.ndarray:
+  """Each image's centre of mass, (y, x) in pixels."""
+  ink = np.asarray(images, np.float64)[..., 0]
+  rows, cols = np.mgrid[:28, :28]
+  total = ink.sum(axis=(1, 2))
+  return np.stack([(ink * rows).sum(axis=(1, 2)) / total,
+                   (ink * cols).sum(axis=(1, 2)) / total], axis=-1)
+
+
+def test_shifts_stay_within_max_shift_on_each_axis():
+  blobs = _blob_images(64, 13, 13)  # ink at the centre, (13.5, 13.5)
+  moved = augment.augment_batch(jax.random.PRNGKey(0), blobs, max_shift=2.0)
+  shift = _centres_of_mass(moved) - _centres_of_mass(blobs)
+  assert np.abs(shift).max() <= 2.0 + 1e-4  # bilinear resampling keeps the centre of mass
+  assert np.abs(shift).max(axis=0).min() > 1.8  # the whole range is drawn, on both axes
+  assert (shift < -1).any() and (shift > 1).any()  # both ways
+
+
+@pytest.mark.parametrize('kind', ['rotation', 'zoom'])
+def test_rotations_and_zooms_stay_within_their_ranges_about_the_centre(kind):
+  """A blob 9 pixels right of the image centre turns by at most max_rotation degrees
+  about the centre, or moves away from it or towards it by at most max_zoom."""
+  blobs = _blob_images(64, 13, 22)  # ink at (13.5, 22.5)
+  ranges = {'rotation': dict(max_rotation=15.0), 'zoom': dict(max_zoom=0.15)}[kind]
+  moved = augment.augment_batch(jax.random.PRNGKey(1), blobs, **ranges)
+  dy, dx = (_centres_of_mass(moved) - 13.5).T
+  angle, radius = np.degrees(np.arctan2(dy, dx)), np.hypot(dy, dx)
+  if kind == 'rotation':
+    np.testing.assert_allclose(radius, 9.0, atol=0.1)  # turned about the centre
+    assert np.abs(angle).max() <= 15.0 + 0.5  # 0.5 degrees: resampling's blur, 0.08 pixel
+    assert np.abs(angle).max() > 13.5 and angle.min() < 0 < angle.max()
+  else:
+    np.testing.assert_allclose(angle, 0.0, atol=0.5)  # along the radius only
+    assert np.abs(radius / 9.0 - 1).max() <= 0.15 + 0.01
+    assert np.abs(radius / 9.0 - 1).max() > 0.12
 
 
 def test_cosine_schedule_values():
@@ -105,16 +139,30 @@ def test_cosine_schedule_values():
   assert float(constant(0)) == float(constant(999)) == 3e-3
 
 
-def test_label_smoothing_loss_matches_the_formula():
-  logits = jnp.array([[2.0, 0.5, -1.0], [0.0, 3.0, 1.0]])
-  labels = jnp.array([0, 2])
-  log_p = jax.nn.log_softmax(logits)
-  alpha = 0.1
-  targets = (1 - alpha) * jax.nn.one_hot(labels, 3) + alpha / 3
-  expected = -(targets * log_p).sum(-1).mean()
-  got = optax.softmax_cross_entropy(
-      logits, optax.smooth_labels(jax.nn.one_hot(labels, 3), alpha)).mean()
-  np.testing.assert_allclose(got, expected, rtol=1e-6)
+@pytest.mark.parametrize('label_smoothing', [0.0, 0.1])
+def test_the_loss_is_smoothed_cross_entropy_plus_keras_l2(images, mnist, label_smoothing):
+  """train.loss_fn against the formula in numpy, on the network's own training-mode
+  logits: targets (1 - a) * one_hot + a / 10, plus 0.001 * the sum of squares of the
+  three regularised kernels."""
+  model = DeepDigitsCNN()
+  variables = model.init(jax.random.PRNGKey(0), images[:1], train=False)
+  params = variables['params']
+  labels = jnp.asarray(mnist['test'].labels[:32])
+  loss, (cross_entropy, l2, logits, _) = train.loss_fn(
+      model, 1e-3, label_smoothing, params, variables['batch_stats'],
+      jax.random.PRNGKey(1), images, labels)
+  # Training mode: batch statistics and dropout, not the evaluation network.
+  assert not np.allclose(logits, model.apply(variables, images, train=False), atol=1e-3)
+  logits = np.asarray(logits, np.float64)
+  log_p = logits - logits.max(1, keepdims=True)
+  log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
+  targets = (1 - label_smoothing) * np.eye(10)[np.asarray(labels)] + label_smoothing / 10
+  expected_cross_entropy = -(targets * log_p).sum(1).mean()
+  expected_l2 = 1e-3 * sum(np.square(np.asarray(params[name]['kernel'], np.float64)).sum()
+                           for name in ('conv4', 'dense1', 'dense2'))
+  np.testing.assert_allclose(cross_entropy, expected_cross_entropy, rtol=1e-5)
+  np.testing.assert_allclose(l2, expected_l2, rtol=1e-5)
+  np.testing.assert_allclose(loss, expected_cross_entropy + expected_l2, rtol=1e-5)
 
 
 def test_ema_is_the_analytic_average_of_a_toy_sequence():
@@ -147,16 +195,17 @@ def test_a_run_with_the_whole_recipe_evaluates_the_averaged_weights(tiny_mnist_d
                        augment_max_zoom=0.1, augment_elastic_alpha=34.0,
                        label_smoothing=0.1, lr_schedule='cosine',
                        warmup_epochs=0.5, ema_decay=0.99, num_epochs=2,
-                       train_subset=256)
+                       train_subset=256, bn_recalibration_batches=2)
   record = train.train_and_evaluate(config, str(tmp_path))
   assert record['learning_rate'] < 1e-4  # cosine decayed to about 0 at the last step
   trained = inference.load_trained(str(tmp_path))
   raw = inference.load_trained(str(tmp_path), recalibrate=False)
   test = inference.load_datasets(config)['test']
-  logits = inference.predict_logits(trained, test.images)
-  np.testing.assert_allclose(np.mean(logits.argmax(-1) == test.labels),
-                             record['test_accuracy'], atol=1e-6)
-  assert raw.params is not None
+  # The averaged weights with recalibrated statistics, and with their running averages.
+  for loaded, key in ((trained, 'test_accuracy_recalibrated'), (raw, 'test_accuracy')):
+    logits = inference.predict_logits(loaded, test.images)
+    np.testing.assert_allclose(np.mean(logits.argmax(-1) == test.labels), record[key],
+                               atol=1e-6)
   # The averaged weights differ from the last trained ones.
   state = checkpointing.restore_latest(
       checkpointing.make_manager(str(tmp_path), 3),
@@ -166,3 +215,4 @@ def test_a_run_with_the_whole_recipe_evaluates_the_averaged_weights(tiny_mnist_d
                             state.params)
   assert max(jax.tree.leaves(difference)) > 1e-4
   jax.tree.map(np.testing.assert_array_equal, trained.params, state.ema['params'])
+  jax.tree.map(np.testing.assert_array_equal, raw.batch_stats, state.ema['batch_stats'])

@@ -5,7 +5,9 @@ import os
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh
@@ -33,6 +35,16 @@ def model_and_state():
   config = tiny_config('')
   model = model_factory.make_model(config)
   return model, train_state.create_train_state(config, model, mesh_of(1))
+
+
+def _bn1_input(params, images) -> np.ndarray:
+  """relu(conv1(images)), what bn1 normalises, computed apart from the model (float64,
+  one row per pixel and image)."""
+  x = np.asarray(scale_images(images), np.float64)
+  kernel = np.asarray(params['conv1']['kernel'], np.float64)
+  out = jax.lax.conv_general_dilated(x, kernel, (1, 1), 'VALID',
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return np.maximum(np.asarray(out) + np.asarray(params['conv1']['bias']), 0).reshape(-1, 32)
 
 
 def test_eight_fake_devices_are_present():
@@ -67,9 +79,12 @@ def test_one_and_eight_devices_give_the_same_loss_gradients_and_batch_stats(
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(a).max())
   for a, b in zip(jax.tree.leaves(stats1), jax.tree.leaves(stats8)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-  # The statistics are those of the global batch: bn1's new mean moved by 1% of the
-  # 64-image batch mean (momentum 0.99), not of an 8-image shard.
-  assert np.abs(stats1['bn1']['mean']).max() > 0
+  # The statistics are those of the global batch, averaged in with Keras' momentum of
+  # 0.99: bn1's running mean (initially 0) and variance (1) moved 1% of the way to the
+  # 64-image batch's moments, not an 8-image shard's.
+  act = _bn1_input(state.params, batch[0])
+  np.testing.assert_allclose(stats1['bn1']['mean'], 0.01 * act.mean(0), rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(stats1['bn1']['var'], 0.99 + 0.01 * act.var(0), rtol=1e-5)
 
 
 def test_train_steps_on_a_fixed_batch_drive_the_loss_down(batch):
@@ -123,14 +138,9 @@ def test_bn_recalibration_is_the_exact_average_over_batches(model_and_state, mni
                                        sharding.replicated(mesh))
   stats = BatchNormRecalibrator(model, mesh)(params, batch_stats, split, index_batches)
   # bn1 sees relu(conv1(x)) directly: compute its batch moments by hand.
-  kernel = np.asarray(state.params['conv1']['kernel'])
-  bias = np.asarray(state.params['conv1']['bias'])
   means, variances = [], []
   for rows in index_batches:
-    x = np.asarray(scale_images(split.images[rows]), np.float64)
-    out = jax.lax.conv_general_dilated(x, kernel.astype(np.float64), (1, 1), 'VALID',
-                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    act = np.maximum(np.asarray(out) + bias, 0).reshape(-1, 32)
+    act = _bn1_input(state.params, split.images[rows])
     means.append(act.mean(0))
     variances.append(act.var(0))
   np.testing.assert_allclose(stats['bn1']['mean'], np.mean(means, 0), rtol=1e-4, atol=1e-6)
@@ -206,3 +216,68 @@ def test_auto_trains_with_onednn_convs_on_one_cpu_device():
 def test_batch_size_must_divide_by_the_device_count(tiny_mnist_dir, tmp_path):
   with pytest.raises(ConfigError, match='batch_size=100 does not divide by the 8 devices'):
     train.train_and_evaluate(tiny_config(tiny_mnist_dir, batch_size=100), str(tmp_path))
+
+
+@jax.custom_vjp
+def _gradient_over_ink(x, ink):
+  """x, with its gradient divided by the images' mean ink: infinite on black images."""
+  return x
+
+
+_gradient_over_ink.defvjp(lambda x, ink: (x, ink),
+                          lambda ink, g: (g / ink, jnp.zeros_like(ink)))
+
+
+class InkToy(nn.Module):
+  """A small network with BatchNorm whose loss is finite on black images but whose
+  gradients are not."""
+
+  @nn.compact
+  def __call__(self, images, *, train):
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(
+        images.reshape((images.shape[0], -1)))
+    return _gradient_over_ink(nn.Dense(10)(x), images.mean())
+
+
+def _toy_step_and_state(schedule):
+  config = tiny_config('', ema_decay=0.9)
+  model = InkToy()
+  state = train_state.create_train_state(config, model, mesh_of(1), schedule=schedule)
+  options = train.StepOptions(l2_weight=0.0, ema_decay=0.9)
+  return jax.jit(functools.partial(train.train_step, model, options)), state
+
+
+def _frozen_fields(state):
+  return jax.device_get((state.step, state.params, state.opt_state, state.batch_stats,
+                         state.ema, state.epoch_sums))
+
+
+@pytest.mark.parametrize('poison', ['infinite learning rate', 'infinite gradient'])
+def test_a_nonfinite_update_leaves_the_state_as_it_was_from_then_on(batch, poison,
+                                                                    monkeypatch):
+  """The freeze in train_step itself (no checkpointing involved): after a good step, an
+  update that is not finite changes nothing, records its step, and every later call,
+  even one whose update would be finite, changes nothing either."""
+  images, labels = batch[0][:16], batch[1][:16]
+  black = np.zeros_like(images)
+  if poison == 'infinite learning rate':  # the update overflows; loss and gradients are finite
+    schedule = lambda count: jnp.where(count >= 1, jnp.inf, 1e-3)
+    poisoned, later = images, images
+  else:  # the loss is finite, a gradient is not
+    schedule = lambda count: 1e-3
+    poisoned, later = black, images
+  # The toy has none of the real network's L2-regularised kernels.
+  monkeypatch.setattr(train, 'l2_penalty', lambda params, weight: jnp.zeros(()))
+  step, state = _toy_step_and_state(schedule)
+  state, _ = step(state, images, labels)
+  assert int(state.step) == 1 and int(state.nonfinite_step) == -1
+  before = _frozen_fields(state)
+
+  state, metrics = step(state, poisoned, labels)
+  assert np.isfinite(float(metrics['loss_sum']))  # the loss itself was finite
+  assert int(state.nonfinite_step) == 1
+  jax.tree.map(np.testing.assert_array_equal, _frozen_fields(state), before)  # bitwise
+
+  state, _ = step(state, later, labels)
+  assert int(state.nonfinite_step) == 1
+  jax.tree.map(np.testing.assert_array_equal, _frozen_fields(state), before)
