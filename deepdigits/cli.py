@@ -13,13 +13,15 @@ from deepdigits import host_memory, storage
 
 
 def config_argument(argv) -> Optional[str]:
-  """The file of a --config=FILE[:ARG] (or --config FILE) argument, or None."""
+  """The file of the last --config=FILE[:ARG] (or --config FILE) argument, the one absl
+  keeps, or None."""
+  found = None
   for i, arg in enumerate(argv):
     if arg.startswith('--config='):
-      return arg.split('=', 1)[1].split(':', 1)[0]
-    if arg == '--config' and i + 1 < len(argv):
-      return argv[i + 1].split(':', 1)[0]
-  return None
+      found = arg.split('=', 1)[1].split(':', 1)[0]
+    elif arg == '--config' and i + 1 < len(argv):
+      found = argv[i + 1].split(':', 1)[0]
+  return found
 
 
 def config_file_problem(path: str) -> Optional[str]:
@@ -29,8 +31,10 @@ def config_file_problem(path: str) -> Optional[str]:
   The file's folder's parent goes on sys.path first, so that `from configs import
   default` works from any folder, as it does for main.py in the repository.
   """
+  if not os.path.exists(path):
+    return 'no such file'
   if not os.path.isfile(path):
-    return None  # config_flags says so itself
+    return 'not a file'
   root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
   if root not in sys.path:
     sys.path.append(root)
@@ -64,8 +68,8 @@ def parse_flags(argv):
     sys.exit(f'deepdigits: error: --config={path}: {problem}.')
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:
-    sys.exit(f'FATAL Flags parsing error: {e}\nPass --helpshort or --helpfull for help.')
+  except flags.Error as e:  # e.g. a value of the wrong type; absl's words, on one line
+    sys.exit(f'deepdigits: error: {" ".join(str(e).split())} (--helpfull lists the flags).')
   except OSError as e:  # config_flags: the config file failed to load
     sys.exit(f'deepdigits: error: --config: {" ".join(str(e).split())}')
   except (AttributeError, KeyError) as e:  # ml_collections: no such field

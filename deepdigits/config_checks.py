@@ -8,7 +8,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from deepdigits import input_pipeline, model_factory, sharding
-from deepdigits.data import DATA_SOURCES, IMAGE_SHAPE
+from deepdigits.data import DATA_SOURCES, IMAGE_SHAPE, check_data_dir
 from deepdigits.errors import ConfigError
 from deepdigits.model import CONV_IMPLS, POOL_IMPLS
 from deepdigits.train_state import LR_SCHEDULES
@@ -16,8 +16,11 @@ from deepdigits.train_state import LR_SCHEDULES
 
 def validate(config: ml_collections.ConfigDict, mesh: Optional[Mesh] = None) -> None:
   """Raises ConfigError naming the field and the fix for a value that cannot train, and,
-  given the mesh, for batch sizes that do not split over its devices."""
+  given the mesh, for batch sizes that do not split over its devices; DataError for a
+  data_dir that is not a folder."""
   check_values(config)
+  if config.data_source == 'idx' and config.data_dir:
+    check_data_dir(config.data_dir)
   if mesh is not None:
     sharding.check_divisible(config.batch_size, mesh)
     sharding.check_divisible(config.eval_batch_size, mesh, 'eval_batch_size')

@@ -14,6 +14,7 @@ from typing import Optional
 
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from deepdigits import mnist_download, preprocess
 from deepdigits.errors import DataError
@@ -51,11 +52,17 @@ def scale_images(images: jnp.ndarray, dtype=jnp.float32) -> jnp.ndarray:
 # ---------------------------------------------------------------- IDX files
 
 
+def check_data_dir(data_dir: str) -> None:
+  """A DataError if `data_dir` is not a folder: checked before a run creates its
+  workdir, so that a mistyped path leaves nothing behind."""
+  if not os.path.isdir(data_dir):
+    raise DataError(f'data_dir {data_dir!r} is not a directory. {IDX_HINT}')
+
+
 def find_idx_file(data_dir: str, stem: str) -> str:
   """The path of `stem` or `stem.gz` in data_dir, or a DataError naming what is missing
   or wrong (not a file, a broken link, both forms with different contents)."""
-  if not os.path.isdir(data_dir):
-    raise DataError(f'data_dir {data_dir!r} is not a directory. {IDX_HINT}')
+  check_data_dir(data_dir)
   found = []
   for name in (stem + '.gz', stem):
     path = os.path.join(data_dir, name)
@@ -150,6 +157,9 @@ def read_tfds_split(split: str, tfds_data_dir: Optional[str]) -> Split:
   TensorFlow installed (`pip install -e '.[tfds]'`) and network access.
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  quiet = logging.get_verbosity() == logging.WARNING  # the commands' default
+  if quiet:  # its warnings about an unprepared folder precede our own line
+    logging.set_verbosity(logging.ERROR)
   try:
     source = tfds.data_source('mnist', split=split, data_dir=tfds_data_dir or None)
   except Exception as e:  # not prepared, no TensorFlow, no network: all end here
@@ -164,6 +174,9 @@ def read_tfds_split(split: str, tfds_data_dir: Optional[str]) -> Split:
         "--config.data_source=idx (the default: the IDX files, downloaded if needed), or "
         'on a machine with network `pip install -e ".[tfds]"` lets tensorflow-datasets '
         'download and prepare it once.') from None
+  finally:
+    if quiet:
+      logging.set_verbosity(logging.WARNING)
   records = [source[i] for i in range(len(source))]
   images = np.stack([r['image'] for r in records]) if records else np.zeros(
       (0,) + IMAGE_SHAPE, np.uint8)

@@ -19,14 +19,20 @@ def test_benchmark_runs_on_a_tiny_config_and_prints_its_fields(capsys, tiny_mnis
   for key in ('train_images_per_second', 'eval_images_per_second', 'train_ms_per_step',
               'input_ms_per_step', 'train_compile_seconds', 'peak_host_memory_gib'):
     assert result[key] > 0, key
-  # ms per step and images/s are medians of the same (odd number of) windows.
-  images_per_step = result['train_ms_per_step'] * result['train_images_per_second'] / 1000
-  assert abs(images_per_step - 16) < 1e-6
+  # The trainer's step really ran in each window (the warm-up one and 3 timed ones of
+  # 2 steps), and each eval window scored its 2 batches of 16.
+  assert result['train_steps_run'] == 2 * (1 + 3)
+  assert result['eval_examples_per_window'] == 32
   assert result['host_page_faults_per_step'] >= 0
   for line in ('train step:', 'page faults per train step',
                'input pipeline (device feed) alone:', 'eval step:', 'peak host memory:',
                'dtype float32', '8 x cpu', 'RESULT framework=deepdigits-jax batch=16'):
     assert line in out, line
+  # The summary line the peers' figures are compared with carries the returned figures.
+  (summary,) = [line for line in out.splitlines() if line.startswith('RESULT ')]
+  fields = dict(item.split('=') for item in summary.split()[1:])
+  assert float(fields['imgs_per_s']) == round(result['train_images_per_second'], 1)
+  assert float(fields['eval_imgs_per_s']) == round(result['eval_images_per_second'], 1)
 
 
 def test_conv_benchmark_times_each_convolution_of_the_network_in_each_impl(

@@ -6,9 +6,12 @@ import pathlib
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from conftest import REPO
+from deepdigits import checkpointing, model_factory, rundir, sharding, train_state
 
 
 def run_main(*args, devices=8, timeout=600):
@@ -38,30 +41,66 @@ def test_overrides_take_effect(tiny_mnist_dir, tmp_path):
               'epoch_seconds', 'train_images_per_second'):
     assert isinstance(records[-1][key], float), key
   assert 'epoch   2  step      4' in result.stdout
+  # The learning rate and the seed reached the run: recorded, and used.
+  recorded = json.loads((tmp_path / 'config.json').read_text())
+  assert (recorded['learning_rate'], recorded['seed']) == (3e-3, 1)
+  assert records[-1]['learning_rate'] == 3e-3  # the schedule's value at the last step
+  config = rundir.read_config(str(tmp_path))
+  trained = checkpointing.restore_latest(
+      checkpointing.make_manager(str(tmp_path), 3),
+      train_state.create_train_state(config, model_factory.make_model(config),
+                                     sharding.make_mesh()))
+  seeded = lambda seed: jax.random.split(jax.random.PRNGKey(seed))[1]  # the dropout key
+  np.testing.assert_array_equal(trained.rng, seeded(1))
+  assert not np.array_equal(trained.rng, seeded(0))
 
 
-@pytest.mark.parametrize('override,message', [
-    ('--config.learnin_rate=3e-3',
-     '--config.learnin_rate is not a config field. Did you mean "learning_rate"'),
-    ('--config=configs/no_such_config.py', 'configs/no_such_config.py'),
-    ('--config.batch_size=abc', 'batch_size'),
-    ('--config.num_epochs=-2', 'num_epochs=-2 must be > 0'),
-    ('--config.num_epochs=0', 'num_epochs=0 must be > 0'),
-    ('--config.seed=4294967296', 'seed=4294967296 must be in [0, 2**32)'),
-    ('--config.batch_size=100', 'batch_size=100 does not divide by the 8 devices'),
-    ('--config.data_dir=/nonexistent/mnist', "'/nonexistent/mnist' is not a directory"),
-    ('--config.data_source=tfds', 'tensorflow-datasets could not load mnist'),
-    ('--config.data_source=csv', "--config.data_source='csv': use one of ('idx', 'tfds')"),
+IDX_HINT = ('Point --config.data_dir at a folder with the four MNIST IDX files '
+            '(train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, '
+            't10k-labels-idx1-ubyte, each raw or .gz), or leave it empty to download them.')
+
+
+# Each a path through main.py to its one line: flag parsing (a typo, a missing file, a
+# value of the wrong type), the config's values, the devices, the data. (Every value
+# check is tested in-process in test_train.py; the data's in test_data.py.)
+@pytest.mark.parametrize('override,line', [
+    ('--config.learnin_rate=3e-3', '--config.learnin_rate is not a config field. Did you '
+     'mean "learning_rate" instead of "learnin_rate"?'),
+    ('--config=configs/no_such_config.py', '--config=configs/no_such_config.py: no such '
+     'file.'),
+    ('--config.batch_size=abc', "flag --config.batch_size=abc: invalid literal for int() "
+     "with base 10: 'abc' (--helpfull lists the flags)."),
+    ('--config.num_epochs=-2', '--config.num_epochs=-2 must be > 0.'),
+    ('--config.batch_size=100', 'batch_size=100 does not divide by the 8 devices; use a '
+     'multiple of 8, e.g. --config.batch_size=96.'),
+    ('--config.data_dir=/nonexistent/mnist', "data_dir '/nonexistent/mnist' is not a "
+     f'directory. {IDX_HINT}'),
+    ('--config.data_source=tfds', 'tensorflow-datasets could not load mnist (it is not '
+     'prepared in the TFDS data folder, and preparing it needs TensorFlow, which is not '
+     'installed). Use --config.data_source=idx (the default: the IDX files, downloaded '
+     'if needed), or on a machine with network `pip install -e ".[tfds]"` lets '
+     'tensorflow-datasets download and prepare it once.'),
 ])
-def test_bad_input_stops_with_one_clear_error(override, message, tmp_path, tiny_mnist_dir):
+def test_bad_input_stops_with_one_clear_error(override, line, tmp_path, tiny_mnist_dir):
   # An empty TFDS folder: offline, tensorflow-datasets has nothing to read.
   result = run_main('--config=configs/mnist_tpu.py', f'--workdir={tmp_path / "run"}',
                     f'--config.data_dir={tiny_mnist_dir}',
                     f'--config.tfds_data_dir={tmp_path / "tfds"}', override)
-  assert result.returncode != 0
-  assert message in result.stderr
-  assert 'Traceback' not in result.stderr
-  assert not (tmp_path / 'run' / 'checkpoints').exists()
+  assert result.returncode == 1
+  assert result.stderr.strip() == f'deepdigits: error: {line}'
+  if override != '--config.data_source=tfds':  # its check is reading the TFDS folder
+    assert not (tmp_path / 'run').exists()  # stopped before the workdir was made
+
+
+def test_a_bad_config_is_reported_before_the_data_is_read_or_the_workdir_made(tmp_path):
+  """A bad value, a data folder that is not one and a workdir that does not exist yet:
+  the config's error comes first, and nothing is created."""
+  result = run_main('--config=configs/mnist_tpu.py', f'--workdir={tmp_path / "new" / "run"}',
+                    f'--config.data_dir={tmp_path / "no_data"}',
+                    '--config.learning_rate=-1.0', devices=1, timeout=300)
+  assert result.returncode == 1
+  assert result.stderr.strip() == 'deepdigits: error: --config.learning_rate=-1.0 must be > 0.'
+  assert os.listdir(tmp_path) == []
 
 
 def test_end_to_end_on_real_mnist_reaches_95_percent(mnist_dir, tmp_path):

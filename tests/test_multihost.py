@@ -62,10 +62,26 @@ def test_two_processes_match_one_process_with_four_devices(tiny_mnist_dir, tmp_p
     if name.startswith('[1]'):  # batch_stats
       np.testing.assert_allclose(p0[name], one[name], rtol=1e-4, atol=1e-5)
   # Parameters: Adam moves each by about lr * sign(gradient), so a gradient within
-  # rounding of zero may step the other way; all but a few entries agree to 1e-6 and
-  # none differs by more than two steps' worth (2 steps * 2 * lr).
+  # rounding of zero may step the other way (and then differs by up to 2 * lr a step,
+  # whatever the cause): what shows a real difference is how many entries differ. All
+  # but a few agree to 1e-6; other batches or masks would move most of them.
   params = [n for n in names if n.startswith('[0]')]
   differing = sum(int((np.abs(p0[n] - one[n]) > 1e-6).sum()) for n in params)
   total = sum(p0[n].size for n in params)
   assert differing / total < 1e-3, (differing, total)
-  assert max(np.abs(p0[n] - one[n]).max() for n in params) <= 4e-3
+
+
+def test_a_signal_to_one_host_stops_every_host_at_the_same_step():
+  """A SIGTERM that only process 1 receives, at step 3, reaches process 0 through the
+  hosts' all-gather at step 10 (preemption.SYNC_EVERY_STEPS): both stop there, so both
+  save the same checkpoint."""
+  port = free_port()
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  processes = [subprocess.Popen([sys.executable, str(REPO / 'tests' / 'preemption_worker.py'),
+                                 str(i), str(port)], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for i in range(2)]
+  for p in processes:
+    output, _ = p.communicate(timeout=300)
+    assert p.returncode == 0, output[-3000:]
+    assert output.splitlines()[-1] == 'stopped after step 10 by SIGTERM', output[-3000:]

@@ -100,8 +100,9 @@ def run_benchmark(config, steps: int, windows: int, eval_batches: int) -> dict:
   evaluator(state.params, state.batch_stats, Split(eval_split.images[:config.eval_batch_size],
                                                    eval_split.labels[:config.eval_batch_size]))
   eval_compile_seconds = time.perf_counter() - start
+  scored = []  # what each eval window scored, to report that it scored every image
   eval_seconds = timed_windows(
-      lambda: evaluator(state.params, state.batch_stats, eval_split), windows)
+      lambda: scored.append(evaluator(state.params, state.batch_stats, eval_split)), windows)
 
   train_rate = [steps * config.batch_size / s for s in train_seconds]
   eval_rate = [len(eval_split) / s for s in eval_seconds]
@@ -112,6 +113,8 @@ def run_benchmark(config, steps: int, windows: int, eval_batches: int) -> dict:
       'input_pipeline': feed.kind, 'batch_size': config.batch_size,
       'eval_batch_size': config.eval_batch_size,
       'train_compile_seconds': compile_seconds,
+      'train_steps_run': int(state.step),  # the warm-up window's and the timed ones'
+      'eval_examples_per_window': scored[-1]['examples'],
       'train_images_per_second': statistics.median(train_rate),
       'train_ms_per_step': 1000 * statistics.median(train_seconds) / steps,
       'input_ms_per_step': 1000 * statistics.median(input_seconds) / steps,
