@@ -13,8 +13,17 @@ import numpy as np
 import pytest
 
 from conftest import REPO, tiny_config
-from deepdigits import checkpointing, model_factory, rundir, sharding, train, train_state
+from deepdigits import (
+  checkpointing,
+  model_factory,
+  preemption,
+  rundir,
+  sharding,
+  train,
+  train_state,
+)
 from deepdigits.errors import CheckpointError, ConfigError, NonFiniteError
+from deepdigits.metrics_log import MetricsLog
 
 TIMING_KEYS = {'epoch_seconds', 'train_seconds', 'train_images_per_second',
                'host_memory_mib'}
@@ -145,18 +154,47 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tiny_mnist_dir
   (checkpoints / '24.orbax-checkpoint-tmp').mkdir()  # a half-written save: ignored
   state = restore(tmp_path, config)
   assert int(state.step) == 8
-  assert 'checkpoint' in capsys.readouterr().out
-  assert (tmp_path / 'corrupt_checkpoints' / '16').is_dir()  # moved, not deleted
+  lines = [line for line in capsys.readouterr().out.splitlines() if 'warning' in line]
+  assert len(lines) == 1 and lines[0].startswith(
+      f'deepdigits: warning: checkpoint {checkpoints}/16 is unreadable (')
+  assert lines[0].endswith(f'); moved to {tmp_path}/corrupt_checkpoints/16, trying the '
+                           'previous one.')
+  # Moved with its files, not deleted; the half-written save left alone (the next
+  # start clears it); the previous checkpoint untouched.
+  moved = tmp_path / 'corrupt_checkpoints' / '16'
+  assert moved.is_dir() and any(p.read_bytes() == b'garbage' for p in moved.rglob('*')
+                                if p.is_file())
+  assert sorted(p.name for p in checkpoints.iterdir()) == ['24.orbax-checkpoint-tmp', '8']
   # The run goes on from 8 and writes a good 16 again.
   record = train.train_and_evaluate(config, str(tmp_path))
   assert record['step'] == 16 and (checkpoints / '16').is_dir()
 
 
-def test_two_runs_on_one_workdir_are_refused(tiny_mnist_dir, tmp_path):
-  with rundir.locked(str(tmp_path)):
-    with pytest.raises(ConfigError, match=f'another run \\(pid {os.getpid()}\\) is using'):
+HOLD_LOCK = ('import sys, time; from deepdigits import rundir\n'
+             'with rundir.locked(sys.argv[1]):\n'
+             '  print("locked", flush=True); time.sleep(600)')
+
+
+def test_a_workdir_in_use_is_refused_and_freed_when_its_run_is_killed(tiny_mnist_dir,
+                                                                      tmp_path):
+  """Another process holds the lock: a second run is refused, naming it, and trains
+  nothing; once that process is killed with SIGKILL (no clean-up of its own), the
+  kernel has released the lock and the workdir can be used."""
+  holder = subprocess.Popen([sys.executable, '-c', HOLD_LOCK, str(tmp_path)], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'locked'
+    with pytest.raises(ConfigError) as error:
       train.train_and_evaluate(tiny_config(tiny_mnist_dir), str(tmp_path))
-  assert not (tmp_path / 'checkpoints').exists()
+    assert str(error.value) == (
+        f'another run (pid {holder.pid}) is using workdir {str(tmp_path)!r}; wait for it '
+        'to finish or pick another --workdir.')
+    assert not (tmp_path / 'checkpoints').exists()
+  finally:
+    holder.kill()
+    holder.wait()
+  with rundir.locked(str(tmp_path)):
+    assert (tmp_path / rundir.LOCK_NAME).read_text() == str(os.getpid())
 
 
 def test_workdir_that_cannot_be_created(tiny_mnist_dir, tmp_path):
@@ -196,7 +234,9 @@ BREAKAGES = {
 }
 
 
-@pytest.mark.parametrize('case', sorted(BREAKAGES))
+# One case through main.py, for the path from the data to its one line; every kind of
+# damage is tested in-process in test_data.py.
+@pytest.mark.parametrize('case', ['count mismatch'])
 def test_bad_data_stops_main_with_one_line(case, tiny_mnist_dir, tmp_path):
   breakage, message = BREAKAGES[case]
   data_dir = _broken_copy(tiny_mnist_dir, tmp_path / 'data', breakage)
@@ -228,3 +268,42 @@ def test_a_full_disk_stops_before_the_save_and_leftovers_go_at_the_next_start(
   record = train.train_and_evaluate(config, str(tmp_path))
   assert record['step'] == 8
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['8']
+
+
+def test_a_first_ctrl_c_asks_for_a_stop_and_a_second_one_stops_at_once():
+  """The guard records a first SIGINT (or SIGTERM) for the loop to honour; it then gives
+  the signal back to the handler it found, so a second Ctrl-C raises KeyboardInterrupt
+  at once (which every command turns into exit 130) and a second SIGTERM kills."""
+  found = signal.signal(signal.SIGINT, signal.default_int_handler)  # a command's own
+  try:
+    with preemption.PreemptionGuard() as guard:
+      assert not guard.should_stop(1)
+      os.kill(os.getpid(), signal.SIGINT)
+      assert guard.should_stop(2) and guard.signal_name == 'SIGINT'
+      assert signal.getsignal(signal.SIGTERM) == guard._handle  # still caught
+      with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)  # the handler runs at the next bytecode; never reached
+    assert signal.getsignal(signal.SIGINT) == signal.default_int_handler
+  finally:
+    signal.signal(signal.SIGINT, found)
+
+
+def test_ctrl_c_in_training_saves_the_step_and_stops_with_exit_130(tiny_mnist_dir, tmp_path,
+                                                                   monkeypatch):
+  """A SIGINT just after epoch 1 is logged: the run saves the next step's state and
+  stops with the message main.py prints (exit 128 + 2)."""
+  write = MetricsLog.write
+
+  def write_then_interrupt(log, record):
+    write(log, record)
+    os.kill(os.getpid(), signal.SIGINT)
+
+  monkeypatch.setattr(MetricsLog, 'write', write_then_interrupt)
+  with pytest.raises(preemption.Preempted) as stop:
+    train.train_and_evaluate(tiny_config(tiny_mnist_dir, num_epochs=2), str(tmp_path))
+  assert stop.value.exit_code == 130
+  assert str(stop.value) == (f'stopped by SIGINT at step 9; the checkpoint is saved in '
+                             f'{tmp_path}/checkpoints/9. Run the same command to resume.')
+  assert sorted(int(p.name) for p in (tmp_path / 'checkpoints').iterdir()) == [8, 9]
+  assert int(restore(tmp_path, tiny_config(tiny_mnist_dir)).step) == 9
