@@ -1,6 +1,5 @@
 """A trained workdir reloads into a model whose predictions match the run's evaluation."""
 
-import json
 
 import numpy as np
 import pytest
@@ -32,14 +31,3 @@ def test_a_folder_that_is_not_a_trained_workdir_is_a_clear_error(tmp_path):
   rundir.write_config(str(tmp_path), tiny_config(''))
   with pytest.raises(CheckpointError, match='checkpoints; train there first'):
     inference.load_trained(str(tmp_path))
-
-
-def test_best_checkpoint_follows_validation_accuracy(tiny_mnist_dir, tmp_path):
-  config = tiny_config(tiny_mnist_dir, validation_size=256, num_epochs=2)
-  train.train_and_evaluate(config, str(tmp_path))
-  records = [json.loads(line) for line in (tmp_path / 'metrics.jsonl').read_text().splitlines()]
-  best = max(records, key=lambda r: r['validation_accuracy'])  # first of any tie
-  assert [r['epoch'] for r in records if r.get('best_checkpoint')][-1] == best['epoch']
-  assert sorted(p.name for p in (tmp_path / 'best_checkpoint').iterdir()) == [str(best['step'])]
-  assert inference.load_trained(str(tmp_path), checkpoint='best').step == best['step']
-  assert inference.load_trained(str(tmp_path)).step == records[-1]['step']

@@ -23,7 +23,9 @@ def test_epoch_order_is_a_permutation_set_by_seed_and_epoch_only():
 
 @pytest.fixture(scope='module')
 def split(mnist):
-  return Split(mnist['train'].images[:1024], mnist['train'].labels[:1024])
+  """The tiny runs' training split (conftest.tiny_mnist_dir): with tiny_config, its
+  train step is the one they compile, so the compilation cache serves both."""
+  return Split(mnist['train'].images[:512], mnist['train'].labels[:512])
 
 
 def test_device_feed_visits_every_example_once_per_epoch(split):
@@ -35,7 +37,7 @@ def test_device_feed_visits_every_example_once_per_epoch(split):
   gather = jax.jit(lambda images, labels, order, step: input_pipeline.batch_from_order(
       images, labels, order, step, 64, feed.steps_per_epoch, mesh))
   seen_images, seen_labels = [], []
-  for step in range(16, 32):  # the second epoch: the position is step % steps_per_epoch
+  for step in range(8, 16):  # the second epoch: the position is step % steps_per_epoch
     images, labels = gather(feed.images, feed.labels, order, step)
     assert images.shape == (64, 28, 28, 1) and images.dtype == np.uint8
     assert images.sharding.is_equivalent_to(sharding.batch_sharding(mesh), 4)
@@ -66,3 +68,18 @@ def test_device_and_host_feeds_train_to_the_same_parameters(split):
   device, host = results['device'], results['host']
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                device, host)
+
+
+def test_a_feed_started_mid_epoch_gives_the_rest_of_the_epoch(split):
+  """What a run resumed at a step inside an epoch is fed: the host feed's batches from
+  that step on; the device feed's data for each remaining step (the step itself finds
+  its batch from its own count)."""
+  mesh = sharding.make_mesh()
+  order = input_pipeline.epoch_order(0, 2, len(split))
+  host = input_pipeline.HostFeed(mesh, split, batch_size=64)
+  whole = [jax.device_get(batch) for batch in host.epoch(order, 0)]
+  rest = [jax.device_get(batch) for batch in host.epoch(order, 5)]
+  assert len(whole) == 8 and len(rest) == 3
+  jax.tree.map(np.testing.assert_array_equal, rest, whole[5:])
+  device = input_pipeline.DeviceFeed(mesh, split, batch_size=64)
+  assert len(list(device.epoch(order, 5))) == 3

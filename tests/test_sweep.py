@@ -4,6 +4,7 @@ re-run that skips finished points."""
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import pytest
 from conftest import REPO, tiny_config
 from deepdigits import rundir, train
 from deepdigits.errors import ConfigError, DeepDigitsError, NonFiniteError
+from deepdigits.preemption import Preempted
 from deepdigits.tools import sweep
 
 
@@ -124,8 +126,8 @@ def test_tables_rank_by_validation_and_fall_back_to_test_with_a_note():
                                       'test_accuracy_recalibrated,seconds,status,workdir')
 
 
-def test_a_tiny_sweep_runs_each_point_once_and_ranks_them(tiny_mnist_dir, tmp_path,
-                                                          monkeypatch):
+def test_a_tiny_sweep_runs_each_point_once_ranks_them_and_resumes_them(
+    tiny_mnist_dir, tmp_path, monkeypatch, capsys):
   config = tiny_config(tiny_mnist_dir, train_subset=256, validation_size=128)
   specs = ['learning_rate=1e-3,1e-2']
   rows = sweep.run_sweep(config, str(tmp_path), specs, say=lambda _: None)
@@ -155,10 +157,38 @@ def test_a_tiny_sweep_runs_each_point_once_and_ranks_them(tiny_mnist_dir, tmp_pa
   assert sum('finished earlier, skipped' in line for line in lines) == 2
   assert mtimes == {n: os.path.getmtime(tmp_path / n / 'metrics.jsonl') for n in names}
 
-  # More epochs extend the same points; another config refuses the old folders.
+  monkeypatch.undo()
+
+  # More epochs extend the same points. A SIGTERM in the first point's new epoch stops
+  # the sweep there, its checkpoint saved and the tables written on the way out.
   config.num_epochs = 2
+  update = train.EpochProgress.update
+  def update_then_terminate(progress, metrics):
+    update(progress, metrics)
+    if not stopped:
+      stopped.append(True)
+      os.kill(os.getpid(), signal.SIGTERM)
+  stopped = []
+  monkeypatch.setattr(train.EpochProgress, 'update', update_then_terminate)
+  with pytest.raises(Preempted, match=r'stopped by SIGTERM at step 7; the checkpoint is '
+                                       r'saved in .*learning_rate=0.001/checkpoints/7\.'):
+    sweep.run_sweep(config, str(tmp_path), specs, say=lambda _: None)
+  monkeypatch.undo()
+  table = list(csv.DictReader((tmp_path / 'results.csv').read_text().splitlines()))
+  assert [r['status'] for r in table] == ['stopped at epoch 1'] * 2  # of 2 epochs now
+  # Run again: the stopped point resumes mid-epoch and the other one extends (that a
+  # resumed run ends as a straight one does is tested in test_checkpointing.py).
   sweep.run_sweep(config, str(tmp_path), specs, say=lambda _: None)
-  assert [c[1] for c in calls] == [str(tmp_path / n) for n in names]
+  out = capsys.readouterr().out
+  assert 'resuming from the checkpoint at step 7' in out
+  assert 'resuming from the checkpoint at step 4' in out
+  for name in names:
+    assert [(r['epoch'], r['step']) for r in sweep.MetricsLog(str(tmp_path / name)).records()
+            ] == [(1, 4), (2, 8)]
+  table = list(csv.DictReader((tmp_path / 'results.csv').read_text().splitlines()))
+  assert [(r['epochs'], r['status']) for r in table] == [('2', 'done')] * 2
+
+  # Another config refuses the old folders.
   config.seed = 1
   with pytest.raises(ConfigError, match=r'learning_rate=0.001 was run with another config '
                                         r'\(seed=0 there, 1 now\)'):
