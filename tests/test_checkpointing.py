@@ -146,3 +146,17 @@ def test_the_best_checkpoint_follows_validation_never_test_and_recalibrated_firs
            {'validation_accuracy': 0.80, 'validation_accuracy_recalibrated': 0.97}]
   assert _mark_best(tmp_path / 'resumed', state, later, previous_records=recalibrated) == (
       [2], [2])
+
+
+def test_a_mismatch_names_three_differences_and_counts_the_rest():
+  wanted = {f'w{i}': np.zeros((i + 1,)) for i in range(5)}
+  saved = {**{f'w{i}': np.zeros((i + 2,)) for i in range(4)}, 'w4': np.zeros((5,)),
+           'extra': np.zeros(())}
+  assert checkpointing.describe_mismatch(saved, wanted) == (
+      'extra is not in this model; w0 has shape (2,), this run needs (1,); w1 has shape '
+      '(3,), this run needs (2,) (and 2 more)')
+  assert checkpointing.describe_mismatch({'w0': np.zeros(1), 'w1': np.zeros(3)},
+                                         {'w0': np.zeros(1), 'w1': np.zeros(2),
+                                          'w2': np.zeros(1)}) == (
+      'w2 is missing; w1 has shape (3,), this run needs (2,)')
+  assert checkpointing.describe_mismatch(wanted, wanted) is None

@@ -2,6 +2,7 @@
 
 import gzip
 import pathlib
+import re
 import shutil
 
 import numpy as np
@@ -81,7 +82,8 @@ def test_missing_file(good_dir):
 def test_truncated_file(good_dir):
   path = good_dir / 'train-images-idx3-ubyte'
   path.write_bytes(path.read_bytes()[:-100])
-  _expect_error(good_dir, 'train', 'truncated', 'train-images-idx3-ubyte')
+  _expect_error(good_dir, 'train', 'train-images-idx3-ubyte: 15596 bytes but the header '
+                '(20 items) needs 15696; the file is truncated.')
 
 
 def test_truncated_header(good_dir):
@@ -102,6 +104,9 @@ def test_wrong_magic(good_dir):
   # A labels file where the images file should be.
   shutil.copy(good_dir / 'train-labels-idx1-ubyte', good_dir / 'train-images-idx3-ubyte')
   _expect_error(good_dir, 'train', 'magic number 0x00000801, expected 0x00000803')
+  # And the other way round: an images file where the labels file should be.
+  shutil.copy(good_dir / 't10k-images-idx3-ubyte', good_dir / 't10k-labels-idx1-ubyte')
+  _expect_error(good_dir, 'test', 'magic number 0x00000803, expected 0x00000801')
 
 
 def test_extra_bytes(good_dir):
@@ -116,12 +121,18 @@ def test_wrong_image_size(good_dir):
   write_idx(good_dir / 'train-images-idx3-ubyte', np.zeros((20, 32, 32), np.uint8),
             data.IDX_IMAGES_MAGIC)
   _expect_error(good_dir, 'train', 'items of shape (32, 32), expected (28, 28)')
+  write_idx(good_dir / 'train-images-idx3-ubyte', np.zeros((20, 28, 20), np.uint8),
+            data.IDX_IMAGES_MAGIC)
+  _expect_error(good_dir, 'train', 'items of shape (28, 20), expected (28, 28)')
 
 
 def test_image_label_count_mismatch(good_dir):
   write_idx(good_dir / 'train-labels-idx1-ubyte', np.zeros(19, np.uint8),
             data.IDX_LABELS_MAGIC)
   _expect_error(good_dir, 'train', 'holds 20 images but', 'holds 19 labels')
+  write_idx(good_dir / 'train-labels-idx1-ubyte', np.zeros(21, np.uint8),
+            data.IDX_LABELS_MAGIC)
+  _expect_error(good_dir, 'train', 'holds 20 images but', 'holds 21 labels')
 
 
 def test_label_out_of_range(good_dir):
@@ -130,6 +141,22 @@ def test_label_out_of_range(good_dir):
   write_idx(good_dir / 't10k-labels-idx1-ubyte', labels,
             data.IDX_LABELS_MAGIC)
   _expect_error(good_dir, 'test', 'label 10 at index 7 is outside 0..9')
+
+
+def test_splits_are_checked_whatever_their_source():
+  images = np.zeros((4, 28, 28, 1), np.uint8)
+  labels = np.array([3, 9, 1, 12])  # no 0 among the good ones; the bad one last
+  with pytest.raises(DataError, match='^src: label 12 at index 3 is outside 0..9.$'):
+    data.checked_split(images, labels, 'src')
+  with pytest.raises(DataError, match='^src: label -1 at index 1 is outside 0..9.$'):
+    data.checked_split(images, np.array([3, -1, 10, 2]), 'src')  # the first one named
+  split = data.checked_split(images[:3], labels[:3], 'src')
+  assert split.labels.dtype == np.int32 and list(split.labels) == [3, 9, 1]
+  for bad, shown in ((images.astype(np.float32), '(28, 28, 1) float32'),
+                     (np.zeros((4, 28, 28), np.uint8), '(28, 28) uint8')):
+    with pytest.raises(DataError, match=re.escape(
+        f'src: images of shape {shown}, expected (28, 28, 1) uint8.')):
+      data.checked_split(bad, labels[:4] % 10, 'src')
 
 
 def test_tfds_path_with_mock_data():
@@ -169,6 +196,8 @@ def test_validation_slice_is_disjoint_from_training(tiny_mnist_dir, mnist):
 def test_validation_size_too_large(tiny_mnist_dir):
   with pytest.raises(DataError, match='leaves no training images'):
     data.load_datasets(tiny_config(tiny_mnist_dir, validation_size=512))
+  with pytest.raises(DataError, match='leaves no training images'):
+    data.load_datasets(tiny_config(tiny_mnist_dir, validation_size=600))
 
 
 

@@ -10,6 +10,7 @@ from test_main import run_main
 
 from conftest import tiny_config
 from deepdigits import config_checks, inference, model_factory, rundir, train
+from deepdigits.errors import CheckpointError
 from deepdigits.metrics_log import MetricsLog
 
 
@@ -58,26 +59,31 @@ def test_the_best_checkpoint_gives_the_numbers_of_its_epoch(run):
   assert result['test_examples'] == 300 and result['validation_examples'] == 128
 
 
-@pytest.mark.parametrize('setup,args,message', [
-    ('empty', ['--mode=evaluate'],
-     "config.json not found: '{dir}' is not the workdir of a training run"),
-    ('config', ['--mode=evaluate'], 'no {dir}/checkpoints; train there first.'),
-    ('config', ['--mode=evaluate', '--checkpoint=best'],
-     'no {dir}/best_checkpoint (a best checkpoint is kept only with '
-     '--config.validation_size > 0); train there first.'),
-    ('empty', [], '--config is required to train (or give --mode=evaluate'),
-    ('empty', ['--config=configs/cpu_quick.py', '--checkpoint=best'],
-     '--checkpoint is for --mode=evaluate'),
+@pytest.mark.parametrize('args,message', [
+    (['--mode=evaluate'],
+     "{dir}/config.json not found: '{dir}' is not the workdir of a training run."),
+    ([], '--config is required to train (or give --mode=evaluate to score a trained '
+         'workdir).'),
+    (['--config=configs/cpu_quick.py', '--checkpoint=best'],
+     '--checkpoint is for --mode=evaluate.'),
 ])
-def test_a_folder_that_is_not_a_trained_run_is_one_clear_error(setup, args, message,
-                                                                tmp_path):
-  if setup == 'config':
-    rundir.write_config(str(tmp_path), tiny_config(''))
+def test_a_folder_that_is_not_a_trained_run_is_one_clear_error(args, message, tmp_path):
   result = run_main(f'--workdir={tmp_path}', *args, devices=1, timeout=300)
   assert result.returncode == 1
-  assert result.stderr.strip().splitlines()[-1].startswith('deepdigits: error: ')
-  assert message.format(dir=tmp_path) in result.stderr
-  assert 'Traceback' not in result.stderr
+  assert result.stderr.strip() == 'deepdigits: error: ' + message.format(dir=tmp_path)
+
+
+@pytest.mark.parametrize('checkpoint,message', [
+    ('latest', 'no {dir}/checkpoints; train there first.'),
+    ('best', 'no {dir}/best_checkpoint (a best checkpoint is kept only with '
+             '--config.validation_size > 0); train there first.'),
+])
+def test_a_workdir_with_nothing_trained_has_nothing_to_evaluate(checkpoint, message,
+                                                                tmp_path):
+  rundir.write_config(str(tmp_path), tiny_config(''))
+  with pytest.raises(CheckpointError) as error:
+    inference.evaluate_workdir(str(tmp_path), checkpoint=checkpoint)
+  assert str(error.value) == message.format(dir=tmp_path)
 
 
 def test_a_config_recorded_before_later_fields_reads_with_their_old_values(tmp_path):

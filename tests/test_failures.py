@@ -143,9 +143,11 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tiny_mnist_dir
   train.train_and_evaluate(config, str(tmp_path))
   checkpoints = tmp_path / 'checkpoints'
   assert sorted(int(p.name) for p in checkpoints.iterdir()) == [8, 16]
-  for path in (checkpoints / '16').rglob('*'):  # scribble over every data file
-    if path.is_file() and 'ocdbt' in str(path.relative_to(checkpoints / '16')):
-      path.write_bytes(b'garbage')
+  def scribble(checkpoint):  # over every data file
+    for path in checkpoint.rglob('*'):
+      if path.is_file() and 'ocdbt' in str(path.relative_to(checkpoint)):
+        path.write_bytes(b'garbage')
+  scribble(checkpoints / '16')
   (checkpoints / '24.orbax-checkpoint-tmp').mkdir()  # a half-written save: ignored
   state = restore(tmp_path, config)
   assert int(state.step) == 8
@@ -163,6 +165,10 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tiny_mnist_dir
   # The run goes on from 8 and writes a good 16 again.
   record = train.train_and_evaluate(config, str(tmp_path))
   assert record['step'] == 16 and (checkpoints / '16').is_dir()
+  # Set aside a second time, the step's first copy is kept beside it.
+  scribble(checkpoints / '16')
+  assert int(restore(tmp_path, config).step) == 8
+  assert sorted(p.name for p in (tmp_path / 'corrupt_checkpoints').iterdir()) == ['16', '16.1']
 
 
 HOLD_LOCK = ('import sys, time; from deepdigits import rundir\n'
