@@ -122,7 +122,24 @@ def test_rotations_and_zooms_stay_within_their_ranges_about_the_centre(kind):
   else:
     np.testing.assert_allclose(angle, 0.0, atol=0.5)  # along the radius only
     assert np.abs(radius / 9.0 - 1).max() <= 0.15 + 0.01
-    assert np.abs(radius / 9.0 - 1).max() > 0.12
+    assert (radius / 9.0 > 1.12).any() and (radius / 9.0 < 0.88).any()  # both ways
+
+
+def test_each_affine_map_is_a_rotation_and_a_zoom_then_a_shift():
+  """With all three ranges: the map's linear part is a rotation by an angle within
+  max_rotation over a zoom within max_zoom (no shear, no stretch along one axis)."""
+  keys = jax.random.split(jax.random.PRNGKey(4), 256)
+  matrices = np.asarray(jax.vmap(lambda k: augment.random_affine(k, 2.0, 15.0, 0.15, 28))(
+      keys), np.float64)
+  linear = matrices[:, :2, :2]
+  np.testing.assert_allclose(linear[:, 0, 0], linear[:, 1, 1], atol=1e-6)
+  np.testing.assert_allclose(linear[:, 0, 1], -linear[:, 1, 0], atol=1e-6)
+  zoom = 1 / np.hypot(linear[:, 0, 0], linear[:, 0, 1])
+  angle = np.degrees(np.arctan2(linear[:, 0, 1], linear[:, 0, 0]))
+  assert zoom.min() >= 0.85 - 1e-6 and zoom.max() <= 1.15 + 1e-6
+  assert zoom.min() < 0.87 and zoom.max() > 1.13
+  assert np.abs(angle).max() <= 15 + 1e-4 and angle.min() < -13 and angle.max() > 13
+  np.testing.assert_array_equal(matrices[:, 2:, :], np.broadcast_to(np.eye(4)[2:], (256, 2, 4)))
 
 
 def test_cosine_schedule_values():
