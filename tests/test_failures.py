@@ -252,7 +252,8 @@ def test_bad_data_stops_main_with_one_line(case, tiny_mnist_dir, tmp_path):
 
 def test_a_full_disk_stops_before_the_save_and_leftovers_go_at_the_next_start(
     tiny_mnist_dir, tmp_path, monkeypatch):
-  config = tiny_config(tiny_mnist_dir)
+  # A checkpoint every 2 epochs: a 1-epoch run still saves its last one.
+  config = tiny_config(tiny_mnist_dir, checkpoint_every_epochs=2)
   usage = checkpointing.shutil.disk_usage
   monkeypatch.setattr(checkpointing.shutil, 'disk_usage',
                       lambda path: usage(path)._replace(free=5 << 20))  # 5 MiB free

@@ -38,9 +38,18 @@ def test_overrides_take_effect(tiny_mnist_dir, tmp_path):
   assert [r['step'] for r in records] == [2, 4]  # 256 images / 128 per step
   assert records[-1]['test_examples'] == 300
   assert '2 epochs x 2 steps of 128 images' in result.stdout
+  assert ('DeepDigitsCNN: 2,624,394 numbers (2,621,898 trained parameters + 2,496 '
+          'BatchNorm running statistics), dtype float32') in result.stdout
+  # The record's fields, as docs/commands.md lists them (no validation slice and no
+  # recalibration in this config, so none of their fields).
+  assert set(records[-1]) == {
+      'epoch', 'step', 'train_loss', 'train_l2_penalty', 'train_accuracy', 'test_loss',
+      'test_accuracy', 'test_examples', 'epoch_seconds', 'train_seconds',
+      'train_images_per_second', 'learning_rate', 'host_memory_mib'}
   for key in ('train_loss', 'train_accuracy', 'test_loss', 'test_accuracy',
               'epoch_seconds', 'train_images_per_second'):
     assert isinstance(records[-1][key], float), key
+  assert 0 <= records[-1]['train_accuracy'] <= 1 and 0 <= records[-1]['test_accuracy'] <= 1
   assert 'epoch   2  step      4' in result.stdout
   # The learning rate and the seed reached the run: recorded, and used.
   recorded = json.loads((tmp_path / 'config.json').read_text())

@@ -17,6 +17,7 @@ from deepdigits import config_checks, input_pipeline, model_factory, sharding, t
 from deepdigits.data import Split, scale_images
 from deepdigits.errors import ConfigError
 from deepdigits.evaluate import BatchNormRecalibrator, Evaluator
+from deepdigits.model import l2_penalty
 
 
 def mesh_of(num_devices: int) -> Mesh:
@@ -95,12 +96,24 @@ def test_train_steps_on_a_fixed_batch_drive_the_loss_down(batch):
   feed = input_pipeline.HostFeed(mesh, Split(*batch), config.batch_size)
   step = train.compile_train_step(config, model, mesh, state, feed)
   images, labels = sharding.global_batch(mesh, *batch)
+  l2_before = float(l2_penalty(jax.device_get(state.params), config.l2_weight))
   losses = []
-  for _ in range(15):
+  for i in range(15):
     state, metrics = step(state, images, labels)
     losses.append(float(metrics['loss_sum'] / metrics['count']))
+    if i == 0:  # the batch's sums, of the weights the step started from
+      assert float(metrics['count']) == 64 and 0 <= int(metrics['correct']) <= 64
+      np.testing.assert_allclose(metrics['l2_sum'] / 64, l2_before, rtol=1e-5)
   assert int(state.step) == 15
   assert losses[0] > 1.5 and losses[-1] < 0.3 * losses[0], losses
+  assert int(metrics['correct']) >= 40  # most of the batch it has been fitting
+  # The epoch's sums in the state: the 15 steps' metrics added up.
+  assert float(state.epoch_sums['count']) == 15 * 64
+
+
+def test_an_epochs_metrics_are_its_means():
+  assert train.train_metrics({'loss_sum': 6.0, 'l2_sum': 3.0, 'correct': 3, 'count': 4.0}) == {
+      'train_loss': 1.5, 'train_l2_penalty': 0.75, 'train_accuracy': 0.75}
 
 
 def test_evaluation_counts_every_example_once_on_any_device_count(model_and_state, mnist):
