@@ -1,5 +1,6 @@
 """Reading MNIST: the real IDX files, malformed ones, TFDS, and the run's splits."""
 
+import dataclasses
 import gzip
 import pathlib
 import re
@@ -150,10 +151,16 @@ def test_splits_are_checked_whatever_their_source():
     data.checked_split(images, labels, 'src')
   with pytest.raises(DataError, match='^src: label -1 at index 1 is outside 0..9.$'):
     data.checked_split(images, np.array([3, -1, 10, 2]), 'src')  # the first one named
+  with pytest.raises(DataError, match='^src: label -1 at index 2 is outside 0..9.$'):
+    data.checked_split(images, np.array([3, 0, -1, 2]), 'src')
   split = data.checked_split(images[:3], labels[:3], 'src')
   assert split.labels.dtype == np.int32 and list(split.labels) == [3, 9, 1]
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    split.labels = labels  # a split is never changed in place
   for bad, shown in ((images.astype(np.float32), '(28, 28, 1) float32'),
-                     (np.zeros((4, 28, 28), np.uint8), '(28, 28) uint8')):
+                     (images.astype(np.int8), '(28, 28, 1) int8'),
+                     (np.zeros((4, 28, 28), np.uint8), '(28, 28) uint8'),
+                     (np.zeros((4, 28, 28, 3), np.uint8), '(28, 28, 3) uint8')):
     with pytest.raises(DataError, match=re.escape(
         f'src: images of shape {shown}, expected (28, 28, 1) uint8.')):
       data.checked_split(bad, labels[:4] % 10, 'src')
