@@ -18,7 +18,9 @@ from deepdigits.ops.pool import max_pool_2x2_strided
 
 @pytest.fixture(scope='module')
 def variables():
-  return DeepDigitsCNN().init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), train=False)
+  # Jitted: one compile instead of one per initialiser call.
+  return jax.jit(lambda key: DeepDigitsCNN().init(key, jnp.zeros((1, 28, 28, 1)),
+                                                   train=False))(jax.random.PRNGKey(0))
 
 
 def test_parameter_and_batch_stats_count_is_the_originals(variables):
@@ -132,9 +134,9 @@ def test_bfloat16_compute_gives_a_loss_close_to_float32(variables, mnist):
   labels = jnp.asarray(mnist['test'].labels[:64])
 
   def loss(dtype):
-    logits, _ = DeepDigitsCNN(dtype=dtype).apply(
-        variables, images, train=True, mutable=['batch_stats'],
-        rngs={'dropout': jax.random.PRNGKey(0)})
+    logits, _ = jax.jit(lambda v, x: DeepDigitsCNN(dtype=dtype).apply(
+        v, x, train=True, mutable=['batch_stats'],
+        rngs={'dropout': jax.random.PRNGKey(0)}))(variables, images)
     assert logits.dtype == jnp.float32  # logits come back in float32 either way
     return float(-jax.nn.log_softmax(logits)[jnp.arange(64), labels].mean())
 
@@ -142,8 +144,9 @@ def test_bfloat16_compute_gives_a_loss_close_to_float32(variables, mnist):
   assert bf16 != fp32  # the bfloat16 path really computed in bfloat16
   assert abs(bf16 - fp32) < 0.02 * fp32, (fp32, bf16)
   # Parameters stay float32 whatever the compute dtype.
-  params = DeepDigitsCNN(dtype=jnp.bfloat16).init(
-      jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), train=False)['params']
+  params = jax.eval_shape(lambda: DeepDigitsCNN(dtype=jnp.bfloat16).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), train=False))['params']
+  assert len(jax.tree.leaves(params)) == 26
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
 
 
@@ -194,7 +197,9 @@ def test_network_with_batch_norm_groups_differs_in_training_only(variables):
                                                                     bn_group_size=4)
   np.testing.assert_array_equal(grouped.apply(variables, x, train=False),
                                 whole.apply(variables, x, train=False))
-  train = lambda model: model.apply(variables, x, train=True, mutable=['batch_stats'])[0]
+  train = lambda model: jax.jit(lambda v, x: model.apply(v, x, train=True,
+                                                         mutable=['batch_stats'])[0])(
+      variables, x)
   assert not np.allclose(train(grouped), train(whole), atol=1e-3)
   np.testing.assert_allclose(train(DeepDigitsCNN(use_dropout=False, bn_group_size=8)),
                              train(whole), rtol=1e-4, atol=1e-4)

@@ -29,7 +29,8 @@ def read_scalars(workdir) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_tensorboard_scalars_match_the_metrics_records(tiny_mnist_dir, tmp_path):
-  config = tiny_config(tiny_mnist_dir, num_epochs=2, validation_size=128,
+  # test_evaluate.py's run: its train step compiles once for both.
+  config = tiny_config(tiny_mnist_dir, num_epochs=2, train_subset=256, validation_size=128,
                        bn_recalibration_batches=2)
   train.train_and_evaluate(config, str(tmp_path))
   records = metrics_log.MetricsLog(str(tmp_path)).records()
