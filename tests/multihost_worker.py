@@ -1,51 +1,44 @@
-"""One process of a multi-process CPU run (used by test_multihost.py), and the run and
-the arrays it reports, which the test also computes in its own process as the reference.
+"""One process of a multi-process CPU run (used by test_multihost.py).
 
 usage: python multihost_worker.py PROCESS_ID NUM_PROCESSES PORT DEVICES DATA_DIR WORKDIR OUT FEED
+With NUM_PROCESSES=1 it is the single-process reference run.
 """
 
 import os
 import sys
 
+process_id, num_processes, port, devices = (int(a) for a in sys.argv[1:5])
+data_dir, workdir, out, feed = sys.argv[5:9]
+os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+os.environ['JAX_PLATFORMS'] = 'cpu'
 
-def run_and_report(data_dir: str, workdir: str, feed: str) -> dict:
-  """Trains the tiny run (two steps of 32) and returns its final parameters and
-  BatchNorm statistics (this process's copy, by tree path) and a few scalars."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+import jax  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from configs import default  # pylint: disable=g-import-not-at-top
-  from deepdigits import checkpointing, model_factory, sharding, train, train_state  # pylint: disable=g-import-not-at-top
+if num_processes > 1:
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  jax.distributed.initialize(coordinator_address=f'localhost:{port}',
+                             num_processes=num_processes, process_id=process_id)
 
-  config = default.get_config()
-  config.data_dir = data_dir
-  config.train_subset = 64  # two steps of 32
-  config.batch_size = 32
-  config.eval_batch_size = 64
-  config.num_epochs = 1
-  config.feed = feed
-  config.model_summary = False
-  record = train.train_and_evaluate(config, workdir)
-  fresh = train_state.create_train_state(config, model_factory.make_model(config),
-                                         sharding.make_mesh())
-  state = checkpointing.restore_latest(checkpointing.make_manager(workdir, 3), fresh)
-  leaves = jax.tree_util.tree_flatten_with_path((state.params, state.batch_stats))[0]
-  return {**{jax.tree_util.keystr(path): np.asarray(leaf.addressable_data(0))
-             for path, leaf in leaves},
-          'train_loss': record['train_loss'], 'test_loss': record['test_loss'],
-          'devices': jax.device_count(), 'processes': jax.process_count()}
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import default  # pylint: disable=g-import-not-at-top
+from deepdigits import checkpointing, model_factory, sharding, train, train_state  # pylint: disable=g-import-not-at-top
 
+config = default.get_config()
+config.data_dir = data_dir
+config.train_subset = 64  # two steps of 32
+config.batch_size = 32
+config.eval_batch_size = 64
+config.num_epochs = 1
+config.feed = feed
+config.model_summary = False
+record = train.train_and_evaluate(config, workdir)
 
-if __name__ == '__main__':
-  process_id, num_processes, port, devices = (int(a) for a in sys.argv[1:5])
-  data_dir, workdir, out, feed = sys.argv[5:9]
-  os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
-  os.environ['JAX_PLATFORMS'] = 'cpu'
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  if num_processes > 1:
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(coordinator_address=f'localhost:{port}',
-                               num_processes=num_processes, process_id=process_id)
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  np.savez(out, **run_and_report(data_dir, workdir, feed))
+fresh = train_state.create_train_state(config, model_factory.make_model(config),
+                                       sharding.make_mesh())
+state = checkpointing.restore_latest(checkpointing.make_manager(workdir, 3), fresh)
+leaves = jax.tree_util.tree_flatten_with_path((state.params, state.batch_stats))[0]
+np.savez(out, **{jax.tree_util.keystr(path): np.asarray(leaf.addressable_data(0))
+                 for path, leaf in leaves},
+         train_loss=record['train_loss'], test_loss=record['test_loss'],
+         devices=jax.device_count(), processes=jax.process_count())
