@@ -31,6 +31,7 @@ class MetricsLog:
     self.enabled = jax.process_index() == 0
     self.tensorboard = tensorboard and self.enabled
     self._writer = None
+    self._local_events = None  # the writer's local folder for a gs:// workdir
     self.cut_off = False  # set by records(): the file's last line was cut off
 
   def records(self) -> list[dict]:
@@ -88,18 +89,26 @@ class MetricsLog:
     return self._local_events
 
   def _upload_events(self) -> None:
-    if getattr(self, '_local_events', None):
+    if self._local_events:
       for name in os.listdir(self._local_events):
         with open(os.path.join(self._local_events, name), 'rb') as f:
           storage.write_bytes(storage.join(self.workdir, name), f.read())
 
-  def close(self) -> None:
-    if self._writer is not None:
-      self._writer.close()
-      self._upload_events()
-      if getattr(self, '_local_events', None):
+  def close(self, upload: bool = True) -> None:
+    """Closes the TensorBoard writer and removes its local folder. A run stopped by an
+    error or a signal closes with upload=False: each record's events were copied when
+    it was written, and a failing copy must not hide the error that stopped the run."""
+    if self._writer is None:
+      return
+    self._writer.close()
+    self._writer = None
+    try:
+      if upload:
+        self._upload_events()
+    finally:
+      if self._local_events:
         shutil.rmtree(self._local_events, ignore_errors=True)
-      self._writer = None
+        self._local_events = None
 
 
 def tensorboard_scalars(record: dict) -> dict[str, float]:

@@ -216,36 +216,39 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict:
   # Loop.
   previous = log.records()
   record = previous[-1] if previous else {}  # returned as is if training is complete
-  with PreemptionGuard() as preemption:
-    for epoch in range(step // steps_per_epoch, config.num_epochs):
-      order = input_pipeline.run_epoch_order(config, epoch, len(train_split))
-      epoch_start = time.perf_counter()
-      first = step - epoch * steps_per_epoch  # > 0 when resuming mid-epoch
-      if first == 0:  # else the checkpoint holds the sums of the epoch's earlier steps
-        state = state.replace(epoch_sums=jax.device_put(
-            zero_epoch_sums(), sharding.replicated(mesh)))
-      progress = EpochProgress(config.progress, epoch + 1, config.num_epochs,
-                               steps_per_epoch, first, config.batch_size)
-      state, step = run_epoch_steps(
-          step_fn, state, step, feed.epoch(order, first), progress, preemption,
-          checkpoints, config.checkpoint_every_steps)
-      sums = jax.device_get(state.epoch_sums)
-      checkpoints.check_finite(state)
-      train_seconds = time.perf_counter() - epoch_start
-      record = {'epoch': epoch + 1, 'step': step, **train_metrics(sums)}
-      record.update(evaluate_epoch(config, evaluator, recalibrate, state, datasets, order))
-      record.update(epoch_seconds=time.perf_counter() - epoch_start,
-                    train_seconds=train_seconds,
-                    train_images_per_second=float(sums['count']) / train_seconds,
-                    learning_rate=float(learning_rate(step - 1)))  # the epoch's last step
-      host_memory.release_free_host_memory()
-      record['host_memory_mib'] = host_memory.host_memory_mib()
-      checkpoints.keep_if_best(state, record)
-      log.write(record)
-      if (epoch + 1) % config.checkpoint_every_epochs == 0 or epoch + 1 == config.num_epochs:
-        checkpoints.save(state, step)
-  checkpoints.close()
-  log.close()
+  try:
+    with PreemptionGuard() as preemption:
+      for epoch in range(step // steps_per_epoch, config.num_epochs):
+        order = input_pipeline.run_epoch_order(config, epoch, len(train_split))
+        epoch_start = time.perf_counter()
+        first = step - epoch * steps_per_epoch  # > 0 when resuming mid-epoch
+        if first == 0:  # else the checkpoint holds the sums of the epoch's earlier steps
+          state = state.replace(epoch_sums=jax.device_put(
+              zero_epoch_sums(), sharding.replicated(mesh)))
+        progress = EpochProgress(config.progress, epoch + 1, config.num_epochs,
+                                 steps_per_epoch, first, config.batch_size)
+        state, step = run_epoch_steps(
+            step_fn, state, step, feed.epoch(order, first), progress, preemption,
+            checkpoints, config.checkpoint_every_steps)
+        sums = jax.device_get(state.epoch_sums)
+        checkpoints.check_finite(state)
+        train_seconds = time.perf_counter() - epoch_start
+        record = {'epoch': epoch + 1, 'step': step, **train_metrics(sums)}
+        record.update(evaluate_epoch(config, evaluator, recalibrate, state, datasets, order))
+        record.update(epoch_seconds=time.perf_counter() - epoch_start,
+                      train_seconds=train_seconds,
+                      train_images_per_second=float(sums['count']) / train_seconds,
+                      learning_rate=float(learning_rate(step - 1)))  # the epoch's last step
+        host_memory.release_free_host_memory()
+        record['host_memory_mib'] = host_memory.host_memory_mib()
+        checkpoints.keep_if_best(state, record)
+        log.write(record)
+        if (epoch + 1) % config.checkpoint_every_epochs == 0 or epoch + 1 == config.num_epochs:
+          checkpoints.save(state, step)
+    checkpoints.close()
+    log.close()
+  finally:
+    log.close(upload=False)  # a stop by a signal or an error: the local files removed
   return record
 
 

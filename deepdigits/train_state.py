@@ -63,11 +63,14 @@ def create_train_state(config, model: nn.Module, mesh, steps_per_epoch: int = 1,
     variables = model.init(init_rng, jnp.zeros((1,) + IMAGE_SHAPE), train=False)
     ema = ({'params': variables['params'], 'batch_stats': variables['batch_stats']}
            if config.ema_decay else {})
-    return TrainState.create(apply_fn=model.apply, params=variables['params'],
-                             batch_stats=variables['batch_stats'],
-                             tx=make_optimizer(config, schedule), rng=dropout_rng,
-                             nonfinite_step=jnp.array(-1, jnp.int32), ema=ema,
-                             epoch_sums=zero_epoch_sums())
+    state = TrainState.create(apply_fn=model.apply, params=variables['params'],
+                              batch_stats=variables['batch_stats'],
+                              tx=make_optimizer(config, schedule), rng=dropout_rng,
+                              nonfinite_step=jnp.array(-1, jnp.int32), ema=ema,
+                              epoch_sums=zero_epoch_sums())
+    # A strong int32 step, as a restored checkpoint's: Flax's is a weakly typed 0, and
+    # the train step would then compile once for a fresh run and again for a resumed one.
+    return state.replace(step=jnp.zeros((), jnp.int32))
   return jax.jit(init, out_shardings=sharding.replicated(mesh))(
       jax.random.PRNGKey(config.seed))
 

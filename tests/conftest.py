@@ -9,13 +9,16 @@ start in subprocesses saves compiling the same tiny-config steps over and over.
 """
 
 import os
+import shutil
 import tempfile
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 os.environ['JAX_PLATFORMS'] = 'cpu'
-if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:  # set once, in the main pytest process
-  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='jax_cache_')
+OWN_COMPILATION_CACHE = None  # made by this process (the main pytest one), removed at its end
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  OWN_COMPILATION_CACHE = tempfile.mkdtemp(prefix='jax_cache_')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = OWN_COMPILATION_CACHE
 # Every compile, even the many small ones (Orbax's first save slices each array: about
 # 100 tiny programs a process), so that the workers and subprocesses compile each once.
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
@@ -138,3 +141,9 @@ def pytest_collection_modifyitems(items):
   for item in items:
     module = item.module.__name__.rsplit('.', 1)[-1]
     item.add_marker(pytest.mark.xdist_group(SHARED_WORKER.get(module, module)))
+
+
+def pytest_sessionfinish(session):
+  del session
+  if OWN_COMPILATION_CACHE:  # after the xdist workers have ended
+    shutil.rmtree(OWN_COMPILATION_CACHE, ignore_errors=True)

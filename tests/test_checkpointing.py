@@ -38,6 +38,10 @@ def test_round_trip_restores_equal_trees(tmp_path):
   assert_trees_equal((restored.params, restored.batch_stats, restored.opt_state, restored.rng),
                      (state.params, state.batch_stats, state.opt_state, state.rng))
   assert restored.params['conv1']['kernel'].sharding.is_fully_replicated
+  # The same types as a fresh state's, weak typing included: else the train step would
+  # compile a second program for a resumed run.
+  kinds = lambda s: [(x.dtype, x.shape, x.weak_type, x.sharding) for x in jax.tree.leaves(s)]
+  assert kinds(restored) == kinds(fresh)
 
 
 def test_a_checkpoint_written_before_epoch_sums_existed_restores(tmp_path):

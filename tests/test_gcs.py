@@ -122,8 +122,10 @@ def gcs_run(gcs_env, tiny_mnist_dir, tmp_path_factory):
   local = tmp_path_factory.mktemp('local_run')
   train.train_and_evaluate(train_config(tiny_mnist_dir), str(local))
   workdir = f'gs://{BUCKET}/run'
+  scratch = tmp_path_factory.mktemp('tmpdir')  # where the runs keep their local events
+  env = {**gcs_env, 'TMPDIR': str(scratch)}
   process = subprocess.Popen(main_command(*train_args(workdir, tiny_mnist_dir)),
-                             cwd=REPO, env=gcs_env, stdout=subprocess.PIPE,
+                             cwd=REPO, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
   for line in process.stdout:  # the epoch lines, as the run prints them
     if line.startswith('epoch   1'):
@@ -132,11 +134,14 @@ def gcs_run(gcs_env, tiny_mnist_dir, tmp_path_factory):
   stdout, stderr = process.communicate(timeout=300)
   assert process.returncode == 128 + signal.SIGTERM, stderr[-2000:]
   stopped_at = int(stderr.split('at step ')[1].split(';')[0])
+  left_by_the_stop = sorted(p.name for p in scratch.glob('deepdigits-events-*'))
   resumed = subprocess.run(main_command(*train_args(workdir, tiny_mnist_dir)), cwd=REPO,
-                           env=gcs_env, capture_output=True, text=True, timeout=600)
+                           env=env, capture_output=True, text=True, timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   return {'workdir': workdir, 'local': local, 'stopped_at': stopped_at,
-          'first': stdout + stderr, 'resumed': resumed}
+          'first': stdout + stderr, 'resumed': resumed,
+          'left_in_tmpdir': left_by_the_stop + sorted(
+              p.name for p in scratch.glob('deepdigits-events-*'))}
 
 
 def test_a_gs_run_is_stopped_resumed_and_ends_as_a_local_run(gcs_run):
@@ -153,6 +158,7 @@ def test_a_gs_run_is_stopped_resumed_and_ends_as_a_local_run(gcs_run):
   names = gcs_names(gcs_run['workdir'])
   assert {'config.json', 'metrics.jsonl', 'checkpoints'} <= set(names)
   assert any(n.startswith('events.out.tfevents') for n in names)  # TensorBoard
+  assert gcs_run['left_in_tmpdir'] == []  # the local events folders, stopped or not
   assert '16' in gcs_names(f'{gcs_run["workdir"]}/checkpoints')
   assert json.loads(gcs_text(f'{gcs_run["workdir"]}/config.json'))['seed'] == 0
 
