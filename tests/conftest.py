@@ -131,10 +131,42 @@ def tiny_trained_workdir(tmp_path_factory, tiny_mnist_dir) -> str:
   return workdir
 
 
+def validated_config(data_dir: str, **overrides):
+  """tiny_config with a validation slice (so a best checkpoint) and recalibration: 256
+  training images (4 steps an epoch), 128 held out."""
+  return tiny_config(data_dir, train_subset=256, validation_size=128,
+                     bn_recalibration_batches=2, **overrides)
+
+
+@pytest.fixture(scope='session')
+def tiny_validated_workdir(tmp_path_factory, tiny_mnist_dir) -> str:
+  """A finished run of validated_config (two epochs), read by the evaluate command's
+  tests and by the TensorBoard test."""
+  from deepdigits import train  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp('validated') / 'run'
+  train.train_and_evaluate(validated_config(tiny_mnist_dir, num_epochs=2), str(workdir))
+  return workdir
+
+
+@pytest.fixture(scope='session')
+def tiny_seeds_folder(tmp_path_factory, tiny_mnist_dir) -> dict:
+  """Seeds 0 and 1 of validated_config (one epoch) trained by the seeds command into one
+  folder: the seeds tests read its tables, the ensemble tests its two members."""
+  from deepdigits.tools import seeds  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp('seeds') / 'runs'
+  config = validated_config(tiny_mnist_dir)
+  rows, summary = seeds.run_seeds(config, str(root), [0, 1], say=lambda _: None)
+  return {'root': root, 'config': config, 'rows': rows, 'summary': summary}
+
+
 # Tests that share one costly fixture run on the same pytest-xdist worker
 # (`--dist loadgroup` in pyproject.toml), so it is built once: each module's own
-# module-scoped fixtures, and tiny_trained_workdir for the two modules that read it.
-SHARED_WORKER = {'test_plots': 'tiny_trained_workdir', 'test_predict': 'tiny_trained_workdir'}
+# module-scoped fixtures, and the session ones above for the modules that read them.
+SHARED_WORKER = {'test_plots': 'tiny_trained_workdir', 'test_predict': 'tiny_trained_workdir',
+                 'test_inference': 'tiny_trained_workdir',
+                 'test_evaluate': 'tiny_validated_workdir',
+                 'test_reporting': 'tiny_validated_workdir',
+                 'test_seeds': 'tiny_seeds_folder', 'test_ensemble': 'tiny_seeds_folder'}
 
 
 def pytest_collection_modifyitems(items):

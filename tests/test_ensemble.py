@@ -10,8 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_config
-from deepdigits import inference, preprocess, rundir, train
+from conftest import REPO
+from deepdigits import inference, preprocess, rundir
 from deepdigits.data import load_datasets, read_idx_split
 from deepdigits.errors import ConfigError
 from deepdigits.metrics_log import MetricsLog
@@ -43,15 +43,10 @@ def test_confident_members_give_a_finite_loss():
   assert result['ensemble']['loss'] == pytest.approx(math.log(2), rel=1e-12)
 
 
-@pytest.fixture(scope='module')
-def runs(tiny_mnist_dir, tmp_path_factory):
+@pytest.fixture
+def runs(tiny_seeds_folder):
   """Two tiny runs (seeds 0 and 1) in one folder, recalibrated, with a validation slice."""
-  root = tmp_path_factory.mktemp('ensemble') / 'runs'
-  for seed in (0, 1):
-    config = tiny_config(tiny_mnist_dir, train_subset=256, validation_size=128,
-                         bn_recalibration_batches=2, seed=seed)
-    train.train_and_evaluate(config, str(root / f'seed={seed}'))
-  return root
+  return tiny_seeds_folder['root']
 
 
 def test_a_folder_stands_for_its_workdirs(runs, tmp_path):

@@ -9,19 +9,15 @@ import pytest
 from test_main import run_main
 
 from conftest import tiny_config
-from deepdigits import config_checks, inference, model_factory, rundir, train
+from deepdigits import config_checks, inference, model_factory, rundir
 from deepdigits.errors import CheckpointError
 from deepdigits.metrics_log import MetricsLog
 
 
-@pytest.fixture(scope='module')
-def run(tiny_mnist_dir, tmp_path_factory):
+@pytest.fixture
+def run(tiny_validated_workdir):
   """A tiny run of 2 epochs, recalibrated, with a validation slice (so a best checkpoint)."""
-  workdir = tmp_path_factory.mktemp('evaluate') / 'run'
-  config = tiny_config(tiny_mnist_dir, train_subset=256, validation_size=128,
-                       bn_recalibration_batches=2, num_epochs=2)
-  train.train_and_evaluate(config, str(workdir))
-  return workdir
+  return tiny_validated_workdir
 
 
 def test_the_command_prints_the_runs_final_numbers(run):

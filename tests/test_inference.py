@@ -5,19 +5,21 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from deepdigits import inference, rundir, train
+from deepdigits import inference, rundir
 from deepdigits.data import read_idx_split
 from deepdigits.errors import CheckpointError, ConfigError
+from deepdigits.metrics_log import MetricsLog
 
 
-def test_load_trained_reproduces_the_runs_test_accuracy(tiny_mnist_dir, tmp_path):
-  config = tiny_config(tiny_mnist_dir, bn_recalibration_batches=4)
-  record = train.train_and_evaluate(config, str(tmp_path))
-  assert rundir.read_config(str(tmp_path)).to_dict() == config.to_dict()
+def test_load_trained_reproduces_the_runs_test_accuracy(tiny_mnist_dir, tiny_trained_workdir):
+  workdir = tiny_trained_workdir
+  config = tiny_config(tiny_mnist_dir, num_epochs=2, bn_recalibration_batches=4)
+  assert rundir.read_config(workdir).to_dict() == config.to_dict()
+  record = MetricsLog(workdir).records()[-1]
 
   test = read_idx_split(tiny_mnist_dir, 'test')
   for recalibrate, key in ((True, 'test_accuracy_recalibrated'), (False, 'test_accuracy')):
-    trained = inference.load_trained(str(tmp_path), recalibrate=recalibrate)
+    trained = inference.load_trained(workdir, recalibrate=recalibrate)
     assert trained.step == record['step']
     logits = inference.predict_logits(trained, test.images, batch_size=48)
     assert logits.shape == (len(test), 10)

@@ -9,7 +9,7 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from conftest import tiny_config
-from deepdigits import metrics_log, model_factory, train
+from deepdigits import metrics_log, model_factory
 
 
 def read_scalars(workdir) -> dict[str, list[tuple[int, float]]]:
@@ -28,13 +28,9 @@ def read_scalars(workdir) -> dict[str, list[tuple[int, float]]]:
   return scalars
 
 
-def test_tensorboard_scalars_match_the_metrics_records(tiny_mnist_dir, tmp_path):
-  # test_evaluate.py's run: its train step compiles once for both.
-  config = tiny_config(tiny_mnist_dir, num_epochs=2, train_subset=256, validation_size=128,
-                       bn_recalibration_batches=2)
-  train.train_and_evaluate(config, str(tmp_path))
-  records = metrics_log.MetricsLog(str(tmp_path)).records()
-  scalars = read_scalars(tmp_path)
+def test_tensorboard_scalars_match_the_metrics_records(tiny_validated_workdir):
+  records = metrics_log.MetricsLog(str(tiny_validated_workdir)).records()
+  scalars = read_scalars(tiny_validated_workdir)
   for tag, key in (('train/loss', 'train_loss'), ('train/accuracy', 'train_accuracy'),
                    ('test/loss', 'test_loss'), ('test/accuracy', 'test_accuracy'),
                    ('test/accuracy_recalibrated', 'test_accuracy_recalibrated'),

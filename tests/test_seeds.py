@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, tiny_config
+from conftest import REPO
 from deepdigits import train
 from deepdigits.errors import ConfigError
 from deepdigits.metrics_log import MetricsLog
@@ -79,14 +79,14 @@ def test_rows_and_their_mean_and_sample_std_are_exact():
 
 
 def test_two_tiny_seeds_are_tabled_from_their_metrics_and_a_rerun_skips(
-    tiny_mnist_dir, tmp_path, monkeypatch):
-  config = tiny_config(tiny_mnist_dir, train_subset=256, validation_size=128)
-  rows, summary = seeds.run_seeds(config, str(tmp_path), [0, 1], say=lambda _: None)
-  records = [MetricsLog(str(tmp_path / f'seed={s}')).records() for s in (0, 1)]
+    tiny_seeds_folder, monkeypatch):
+  root, config = tiny_seeds_folder['root'], tiny_seeds_folder['config']
+  rows, summary = tiny_seeds_folder['rows'], tiny_seeds_folder['summary']
+  records = [MetricsLog(str(root / f'seed={s}')).records() for s in (0, 1)]
   assert [[r['epoch'] for r in rs] for rs in records] == [[1], [1]]
   assert records[0][-1]['test_accuracy'] != records[1][-1]['test_accuracy'] or (
       records[0][-1]['train_loss'] != records[1][-1]['train_loss'])  # seeds differ
-  saved = json.loads((tmp_path / 'seeds.json').read_text())
+  saved = json.loads((root / 'seeds.json').read_text())
   assert saved['seeds'] == rows and saved['summary'] == summary
   for row, rs in zip(saved['seeds'], records):
     assert row['test_accuracy'] == rs[-1]['test_accuracy']
@@ -99,14 +99,14 @@ def test_two_tiny_seeds_are_tabled_from_their_metrics_and_a_rerun_skips(
   assert summary['test_accuracy']['std'] == pytest.approx(abs(tests[0] - tests[1]) / 2**0.5,
                                                           abs=1e-15)
   assert summary['test_accuracy']['n'] == 2
-  md = (tmp_path / 'seeds.md').read_text()
+  md = (root / 'seeds.md').read_text()
   assert f'| 0 | 1 | {tests[0]:.4f} |' in md and f'| 1 | 1 | {tests[1]:.4f} |' in md
   assert f'| mean |  | {summary["test_accuracy"]["mean"]:.4f} |' in md
 
   # The same command again: nothing trains, the tables are the same.
   calls, lines = [], []
   monkeypatch.setattr(train, 'train_and_evaluate', lambda *a: calls.append(a))
-  assert seeds.run_seeds(config, str(tmp_path), [0, 1], say=lines.append) == (rows, summary)
+  assert seeds.run_seeds(config, str(root), [0, 1], say=lines.append) == (rows, summary)
   assert not calls
   assert sum('finished earlier, skipped' in line for line in lines) == 2
 
