@@ -12,21 +12,22 @@ from deepdigits.tools import benchmark, conv_benchmark
 
 
 def test_benchmark_runs_on_a_tiny_config_and_prints_its_fields(capsys, tiny_mnist_dir):
-  config = tiny_config(tiny_mnist_dir, batch_size=16, eval_batch_size=16)
-  result = benchmark.run_benchmark(config, steps=2, windows=3, eval_batches=2)
+  # An epoch of 8 steps of 64: the tiny runs' program, compiled once for all.
+  config = tiny_config(tiny_mnist_dir)
+  result = benchmark.run_benchmark(config, steps=8, windows=2, eval_batches=2)
   out = capsys.readouterr().out
-  assert result['devices'] == 8 and result['batch_size'] == 16
+  assert result['devices'] == 8 and result['batch_size'] == 64
   for key in ('train_images_per_second', 'eval_images_per_second', 'train_ms_per_step',
               'input_ms_per_step', 'train_compile_seconds', 'peak_host_memory_gib'):
     assert result[key] > 0, key
-  # The trainer's step really ran in each window (the warm-up one and 3 timed ones of
-  # 2 steps), and each eval window scored its 2 batches of 16.
-  assert result['train_steps_run'] == 2 * (1 + 3)
-  assert result['eval_examples_per_window'] == 32
+  # The trainer's step really ran in each window (the warm-up one and 2 timed ones of
+  # 8 steps), and each eval window scored its 2 batches of 64.
+  assert result['train_steps_run'] == 8 * (1 + 2)
+  assert result['eval_examples_per_window'] == 128
   assert result['host_page_faults_per_step'] >= 0
   for line in ('train step:', 'page faults per train step',
                'input pipeline (device feed) alone:', 'eval step:', 'peak host memory:',
-               'dtype float32', '8 x cpu', 'RESULT framework=deepdigits-jax batch=16'):
+               'dtype float32', '8 x cpu', 'RESULT framework=deepdigits-jax batch=64'):
     assert line in out, line
   # The summary line the peers' figures are compared with carries the returned figures.
   (summary,) = [line for line in out.splitlines() if line.startswith('RESULT ')]

@@ -45,17 +45,15 @@ def metrics(workdir):
 
 
 def main_command(workdir, data_dir):
-  """main.py for 2 epochs of 8 steps (256 images, batch 32): `main_config` as flags (the
-  run test_gcs.py stops and resumes too, so their steps compile once)."""
+  """main.py for 2 epochs of 8 steps of 64: `main_config` as flags (the tiny runs'
+  program, so that it compiles once for the tests here, in-process or not)."""
   return [sys.executable, str(REPO / 'main.py'), '--config=configs/default.py',
           f'--workdir={workdir}', f'--config.data_dir={data_dir}',
-          '--config.train_subset=256', '--config.batch_size=32',
-          '--config.eval_batch_size=64', '--config.num_epochs=2']
+          '--config.batch_size=64', '--config.eval_batch_size=64', '--config.num_epochs=2']
 
 
 def main_config(data_dir):
-  return tiny_config(data_dir, train_subset=256, batch_size=32, eval_batch_size=64,
-                     num_epochs=2)
+  return tiny_config(data_dir, num_epochs=2)
 
 
 # The tests' eight fake devices, as in this process, so that a run here is bitwise the

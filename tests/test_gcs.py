@@ -79,17 +79,15 @@ def main_command(*args):
 
 
 def train_config(data_dir, **overrides):
-  """2 epochs of 8 steps (256 images, batch 32)."""
-  return tiny_config(data_dir, **{'train_subset': 256, 'batch_size': 32, 'num_epochs': 2,
-                                  'progress': False, **overrides})
+  """2 epochs of 8 steps of 64 (the tiny runs' program, compiled once for all)."""
+  return tiny_config(data_dir, **{'num_epochs': 2, 'progress': False, **overrides})
 
 
 def train_args(workdir, data_dir):
   """train_config as main.py's flags."""
   return [f'--workdir={workdir}', '--config=configs/default.py',
-          f'--config.data_dir={data_dir}', '--config.train_subset=256',
-          '--config.batch_size=32', '--config.eval_batch_size=64',
-          '--config.num_epochs=2', '--config.progress=False',
+          f'--config.data_dir={data_dir}', '--config.batch_size=64',
+          '--config.eval_batch_size=64', '--config.num_epochs=2', '--config.progress=False',
           '--config.model_summary=False']
 
 
@@ -183,7 +181,7 @@ def test_evaluate_plots_and_predict_read_a_gs_workdir(gcs_run, tmp_path, capsys)
 
 def test_a_sweep_on_gs_trains_each_point_and_writes_its_tables(gcs_env, tiny_mnist_dir):
   root = f'gs://{BUCKET}/sweep'
-  config = train_config(tiny_mnist_dir, num_epochs=1, train_subset=64)
+  config = train_config(tiny_mnist_dir, num_epochs=1)
   rows = sweep.run_sweep(config, root, ['seed=0,1'], say=lambda _: None)  # one compile
   assert sorted(r['workdir'] for r in rows) == ['seed=0', 'seed=1']
   assert {'seed=0', 'seed=1', 'results.csv', 'results.md'} <= set(gcs_names(root))

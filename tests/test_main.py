@@ -27,17 +27,18 @@ def read_metrics(workdir):
 
 
 def test_overrides_take_effect(tiny_mnist_dir, tmp_path):
+  # The train step of test_sweep.py's second point: compiled once for both.
   result = run_main('--config=configs/mnist_tpu.py', f'--workdir={tmp_path}',
                     f'--config.data_dir={tiny_mnist_dir}', '--config.num_epochs=2',
-                    '--config.batch_size=128', '--config.train_subset=256',
-                    '--config.eval_batch_size=160', '--config.learning_rate=3e-3',
+                    '--config.batch_size=64', '--config.train_subset=256',
+                    '--config.eval_batch_size=64', '--config.learning_rate=3e-3',
                     '--config.seed=1')
   assert result.returncode == 0, result.stderr[-2000:]
   records = read_metrics(tmp_path)
   assert [r['epoch'] for r in records] == [1, 2]
-  assert [r['step'] for r in records] == [2, 4]  # 256 images / 128 per step
+  assert [r['step'] for r in records] == [4, 8]  # 256 images / 64 per step
   assert records[-1]['test_examples'] == 300
-  assert '2 epochs x 2 steps of 128 images' in result.stdout
+  assert '2 epochs x 4 steps of 64 images' in result.stdout
   assert ('DeepDigitsCNN: 2,624,394 numbers (2,621,898 trained parameters + 2,496 '
           'BatchNorm running statistics), dtype float32') in result.stdout
   # The record's fields, as docs/commands.md lists them (no validation slice and no
@@ -50,7 +51,7 @@ def test_overrides_take_effect(tiny_mnist_dir, tmp_path):
               'epoch_seconds', 'train_images_per_second'):
     assert isinstance(records[-1][key], float), key
   assert 0 <= records[-1]['train_accuracy'] <= 1 and 0 <= records[-1]['test_accuracy'] <= 1
-  assert 'epoch   2  step      4' in result.stdout
+  assert 'epoch   2  step      8' in result.stdout
   # The learning rate and the seed reached the run: recorded, and used.
   recorded = json.loads((tmp_path / 'config.json').read_text())
   assert (recorded['learning_rate'], recorded['seed']) == (3e-3, 1)

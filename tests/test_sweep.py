@@ -129,9 +129,9 @@ def test_tables_rank_by_validation_and_fall_back_to_test_with_a_note():
 def test_a_tiny_sweep_runs_each_point_once_ranks_them_and_resumes_them(
     tiny_mnist_dir, tmp_path, monkeypatch, capsys):
   config = tiny_config(tiny_mnist_dir, train_subset=256, validation_size=128)
-  specs = ['learning_rate=1e-3,1e-2']
+  specs = ['learning_rate=1e-3,3e-3']  # the second: test_main.py's override too
   rows = sweep.run_sweep(config, str(tmp_path), specs, say=lambda _: None)
-  names = ['learning_rate=0.001', 'learning_rate=0.01']
+  names = ['learning_rate=0.001', 'learning_rate=0.003']
   for name in names:
     assert os.path.isdir(tmp_path / name / 'checkpoints' / '4')  # 256 images / 64
   records = {name: sweep.MetricsLog(str(tmp_path / name)).records() for name in names}
