@@ -1,6 +1,6 @@
 """The original Keras model's weights give the same predictions in DeepDigitsCNN.
 
-The Keras Sequential of mission.md is built with Keras 3 on its JAX backend (no
+The original Keras Sequential is built with Keras 3 on its JAX backend (no
 TensorFlow), given random weights and BatchNorm statistics, saved in each format, and
 its logits compared with the Flax model's on real MNIST test digits.
 """
@@ -20,7 +20,7 @@ from conftest import REPO, tiny_config
 from deepdigits import inference, model_factory, rundir
 from deepdigits.data import scale_images
 from deepdigits.errors import CheckpointError, KerasWeightsError
-from deepdigits.tools import keras_weights
+from deepdigits.tools import export, keras_weights
 
 os.environ['KERAS_BACKEND'] = 'jax'  # before keras is imported: no TensorFlow needed
 keras = pytest.importorskip('keras')
@@ -28,24 +28,9 @@ pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning:keras.*')
 
 
 def original_keras_model():
-  """The DeepDigits_AI network exactly as the original Keras Sequential."""
-  layers, l2 = keras.layers, keras.regularizers.l2
-  return keras.Sequential([
-      keras.Input((28, 28, 1)),
-      layers.Conv2D(32, 3, activation='relu'), layers.BatchNormalization(),
-      layers.Conv2D(64, 3, activation='relu'), layers.BatchNormalization(),
-      layers.MaxPooling2D(2), layers.Dropout(0.25),
-      layers.Conv2D(128, 3, activation='relu'), layers.BatchNormalization(),
-      layers.Conv2D(256, 3, activation='relu', kernel_regularizer=l2(0.001)),
-      layers.BatchNormalization(),
-      layers.MaxPooling2D(2), layers.Dropout(0.25),
-      layers.Flatten(),
-      layers.Dense(512, activation='relu', kernel_regularizer=l2(0.001)),
-      layers.BatchNormalization(), layers.Dropout(0.5),
-      layers.Dense(256, activation='relu', kernel_regularizer=l2(0.001)),
-      layers.BatchNormalization(), layers.Dropout(0.5),
-      layers.Dense(10, activation='softmax'),
-  ])
+  """The DeepDigits_AI network exactly as the original Keras Sequential (the one
+  definition of it, which the Keras export writes)."""
+  return export.keras_sequential()
 
 
 @pytest.fixture(scope='module')
