@@ -85,6 +85,11 @@ def test_bad_requests_are_one_clear_error(tiny_trained_workdir, tmp_path):
   with pytest.raises(ConfigError, match=r'^--out=.*model\.h5: a Keras model file must end '
                                         r'in \.keras\.$'):
     export.export_workdir(tiny_trained_workdir, 'keras', str(tmp_path / 'model.h5'))
+  missing = tmp_path / 'missing' / 'model.jax'
+  with pytest.raises(ConfigError) as error:
+    export.export_workdir(tiny_trained_workdir, 'stablehlo', str(missing))
+  assert str(error.value) == (f'--out={missing}: the folder {missing.parent} does not '
+                              'exist; create it first.')
   with pytest.raises(ConfigError, match=r'^--format=onnx: use one of stablehlo, keras\.$'):
     export.export_workdir(tiny_trained_workdir, 'onnx', str(tmp_path / 'model.onnx'))
   widths = tmp_path / 'widths'  # the run's weights, recorded as trained on 14-pixel widths

@@ -69,6 +69,20 @@ def keras_files(tmp_path_factory, mnist):
   return {'paths': paths, 'images': images, 'logits': logits}
 
 
+def test_a_keras_file_saved_by_a_process_that_built_other_models_reads_the_same(
+    keras_files, tmp_path):
+  """Keras then names the layers conv2d_4, ... in config.json, while the weights file
+  keeps conv2d, ...: the arrays are found all the same."""
+  first = keras_weights.load_keras_weights(keras_files['paths']['keras'])
+  again = export.keras_sequential()  # a second model of this process: conv2d_4, ...
+  again.set_weights(keras.saving.load_model(keras_files['paths']['keras']).get_weights())
+  assert again.layers[0].name != 'conv2d'
+  again.save(tmp_path / 'again.keras')
+  for a, b in zip(jax.tree.leaves(first),
+                  jax.tree.leaves(keras_weights.load_keras_weights(str(tmp_path / 'again.keras')))):
+    np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize('form', ['weights.h5', 'keras', 'legacy h5'])
 def test_flax_logits_match_keras(keras_files, form):
   variables = keras_weights.load_keras_weights(keras_files['paths'][form])

@@ -108,6 +108,9 @@ def export_workdir(workdir: str, fmt: str, out: str, checkpoint: str = 'latest')
     raise ConfigError(f'--out={out}: a Keras model file must end in .keras.')
   if fmt == 'keras' and storage.is_remote(out):
     raise ConfigError(f'--out={out}: Keras writes local files; write it here, then copy it.')
+  folder = os.path.dirname(os.path.abspath(out))
+  if not storage.is_remote(out) and not os.path.isdir(folder):
+    raise ConfigError(f'--out={out}: the folder {folder} does not exist; create it first.')
   trained = inference.load_trained(workdir, checkpoint=checkpoint)
   if fmt == 'stablehlo':
     try:

@@ -59,9 +59,16 @@ def _decoded(names) -> list[str]:
 
 
 def _keras3_layers(h5: h5py.File, order: Optional[list[str]]) -> Layers:
-  """The layers of a Keras 3 weights file; `order` from the model's config, if known."""
+  """The layers of a Keras 3 weights file; `order` from the model's config, if known.
+
+  Keras 3 names a `.keras` file's weight groups by class and position (`conv2d`,
+  `conv2d_1`, ...), not by the layers' names, which differ once a process has built
+  more than one model (`conv2d_4`, ...): the config's order serves only when it names
+  the groups, else the groups' own order does."""
   group = h5['layers']
-  names = [n for n in order if n in group] if order else sorted(group, key=storage.natural_key)
+  if not order or not set(group) <= set(order):
+    order = sorted(group, key=storage.natural_key)
+  names = [n for n in order if n in group]
   layers = []
   for name in names:
     variables = group[name].get('vars', {})
