@@ -94,6 +94,12 @@ class MetricsLog:
         with open(os.path.join(self._local_events, name), 'rb') as f:
           storage.write_bytes(storage.join(self.workdir, name), f.read())
 
+  def __enter__(self) -> 'MetricsLog':
+    return self
+
+  def __exit__(self, error_type, error, traceback) -> None:
+    self.close(upload=error_type is None)
+
   def close(self, upload: bool = True) -> None:
     """Closes the TensorBoard writer and removes its local folder. A run stopped by an
     error or a signal closes with upload=False: each record's events were copied when

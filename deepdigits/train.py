@@ -216,7 +216,7 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict:
   # Loop.
   previous = log.records()
   record = previous[-1] if previous else {}  # returned as is if training is complete
-  try:
+  with log:  # closed however the run ends, its local TensorBoard folder removed
     with PreemptionGuard() as preemption:
       for epoch in range(step // steps_per_epoch, config.num_epochs):
         order = input_pipeline.run_epoch_order(config, epoch, len(train_split))
@@ -246,9 +246,6 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict:
         if (epoch + 1) % config.checkpoint_every_epochs == 0 or epoch + 1 == config.num_epochs:
           checkpoints.save(state, step)
     checkpoints.close()
-    log.close()
-  finally:
-    log.close(upload=False)  # a stop by a signal or an error: the local files removed
   return record
 
 
