@@ -13,6 +13,10 @@ class ConfigError(DeepDigitsError):
   """A config value is out of range or inconsistent with the machine."""
 
 
+class WorkdirBusy(ConfigError):
+  """Another live run holds the workdir's lock."""
+
+
 class CheckpointError(DeepDigitsError):
   """A checkpoint cannot be restored into this run."""
 

@@ -16,7 +16,7 @@ import jax
 import ml_collections
 
 from deepdigits import mnist_download, storage
-from deepdigits.errors import ConfigError
+from deepdigits.errors import ConfigError, WorkdirBusy
 
 LOCK_NAME = 'run.lock'
 CONFIG_NAME = 'config.json'
@@ -56,7 +56,7 @@ def locked(workdir: str):
     except BlockingIOError:
       f.seek(0)
       owner = f.read().strip() or 'unknown'
-      raise ConfigError(f'another run (pid {owner}) is using workdir {workdir!r}; wait '
+      raise WorkdirBusy(f'another run (pid {owner}) is using workdir {workdir!r}; wait '
                         'for it to finish or pick another --workdir.') from None
     f.seek(0)
     f.truncate()

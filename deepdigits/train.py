@@ -6,7 +6,7 @@ loop), as big_vision's does.
 import collections
 import functools
 import time
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -158,9 +158,14 @@ def compile_train_step(config, model, mesh, state: TrainState, feed):
 # ---------------------------------------------------------------- the loop
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       on_epoch: Optional[Callable[[dict], bool]] = None) -> dict:
   """Trains (resuming from workdir's latest checkpoint) and evaluates every epoch;
   returns the last epoch's metrics record.
+
+  `on_epoch(record)`, if given, sees each epoch's record once it is logged; a true
+  answer ends training there, with a checkpoint of that epoch (a pruner's stop: the
+  same command, without it, goes on from there).
 
   Every check that can fail (config, devices, workdir, data, checkpoint) does so before
   compilation and training.
@@ -172,10 +177,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   with rundir.locked(workdir):
     rundir.check_resume(workdir, config)
     rundir.write_config(workdir, config)
-    return _train_and_evaluate(config, workdir, mesh)
+    return _train_and_evaluate(config, workdir, mesh, on_epoch)
 
 
-def _train_and_evaluate(config, workdir: str, mesh) -> dict:
+def _train_and_evaluate(config, workdir: str, mesh, on_epoch) -> dict:
   say = print if jax.process_index() == 0 else (lambda *a, **k: None)
 
   # Data.
@@ -245,6 +250,9 @@ def _train_and_evaluate(config, workdir: str, mesh) -> dict:
         log.write(record)
         if (epoch + 1) % config.checkpoint_every_epochs == 0 or epoch + 1 == config.num_epochs:
           checkpoints.save(state, step)
+        if on_epoch is not None and on_epoch(record):
+          checkpoints.save(state, step)
+          break
     checkpoints.close()
   return record
 

@@ -29,6 +29,7 @@ from deepdigits.cli import loaded_config, run_command
 from deepdigits.errors import ConfigError, DeepDigitsError
 from deepdigits.metrics_log import MetricsLog
 from deepdigits.preemption import Preempted
+from deepdigits.tools import study
 
 RESULTS_CSV = 'results.csv'
 RESULTS_MD = 'results.md'
@@ -47,7 +48,7 @@ Grid = list[tuple[str, list[Any]]]  # (field, values) in the order given
 # ---------------------------------------------------------------- grids and points
 
 
-def _parse_value(field: str, text: str, kind: type) -> Any:
+def parse_value(flag: str, field: str, text: str, kind: type) -> Any:
   """text as a value of the field's type, or a ConfigError naming both."""
   try:
     if kind is bool:
@@ -61,10 +62,35 @@ def _parse_value(field: str, text: str, kind: type) -> Any:
     if kind is str:
       return text
   except ValueError:
-    raise ConfigError(f'--grid {field}: {text!r} is not a {kind.__name__} (the type of '
+    raise ConfigError(f'{flag} {field}: {text!r} is not a {kind.__name__} (the type of '
                       f'config.{field}).') from None
-  raise ConfigError(f'--grid {field}: config.{field} is a {kind.__name__}; only int, '
+  raise ConfigError(f'{flag} {field}: config.{field} is a {kind.__name__}; only int, '
                     'float, bool and str fields can be swept.')
+
+
+def config_field(flag: str, field: str, config: ml_collections.ConfigDict) -> str:
+  """field, if the config has it; else a ConfigError with the closest field's name."""
+  if field not in config:
+    close = difflib.get_close_matches(field, list(config.keys()), n=1)
+    hint = f' Did you mean "{close[0]}"?' if close else ''
+    raise ConfigError(f'{flag} {field}: not a config field.{hint}')
+  return field
+
+
+def parse_values(flag: str, field: str, values_text: str, kind: type) -> list[Any]:
+  """'v1,v2,...' as distinct values of `kind`; a ConfigError for an empty or repeated
+  one."""
+  texts = [t.strip() for t in values_text.split(',')]
+  if not values_text.strip():
+    raise ConfigError(f'{flag} {field}: no values after "=".')
+  if '' in texts:
+    raise ConfigError(f'{flag} {field}: an empty value in {values_text!r}.')
+  values = [parse_value(flag, field, t, kind) for t in texts]
+  repeated = [t for t, v in zip(texts, values) if values.count(v) > 1]
+  if repeated:
+    raise ConfigError(f'{flag} {field}: the values {", ".join(repeated)} are the '
+                      'same value.')
+  return values
 
 
 def parse_grid(specs: list[str], config: ml_collections.ConfigDict) -> Grid:
@@ -78,25 +104,12 @@ def parse_grid(specs: list[str], config: ml_collections.ConfigDict) -> Grid:
     field = field.strip()
     if not equals or not field:
       raise ConfigError(f"--grid {spec!r}: expected 'field=value1,value2,...'.")
-    if field not in config:
-      close = difflib.get_close_matches(field, list(config.keys()), n=1)
-      hint = f' Did you mean "{close[0]}"?' if close else ''
-      raise ConfigError(f'--grid {field}: not a config field.{hint}')
+    config_field('--grid', field, config)
     if field in fields:
       raise ConfigError(f'--grid {field}: given twice; list all its values in one '
                         '--grid.')
-    texts = [t.strip() for t in values_text.split(',')]
-    if not values_text.strip():
-      raise ConfigError(f'--grid {field}: no values after "=".')
-    if '' in texts:
-      raise ConfigError(f'--grid {field}: an empty value in {values_text!r}.')
-    values = [_parse_value(field, t, type(config[field])) for t in texts]
-    repeated = [t for t, v in zip(texts, values) if values.count(v) > 1]
-    if repeated:
-      raise ConfigError(f'--grid {field}: the values {", ".join(repeated)} are the '
-                        'same value.')
     fields.add(field)
-    grid.append((field, values))
+    grid.append((field, parse_values('--grid', field, values_text, type(config[field]))))
   return grid
 
 
@@ -222,14 +235,70 @@ def failed_points_error(points: list[Point], status: dict[str, str],
                          f'({", ".join(failed)}); see {table}.')
 
 
+def ranking_value(record: dict) -> Optional[float]:
+  """A run's record's value of the first RANKING_METRICS it has (what a shared sweep's
+  study maximises), or None."""
+  return next((record[m] for m in RANKING_METRICS if m in record), None)
+
+
+def comparable_config(config: ml_collections.ConfigDict) -> dict:
+  """The config fields that change what a point computes (as `rundir.check_resume`
+  compares them): the workers of one study must agree on these."""
+  return {k: v for k, v in rundir.recorded_config(config).items()
+          if k not in rundir.RESUMABLE_FIELDS + rundir.FOLDER_FIELDS}
+
+
+def run_shared_points(config: ml_collections.ConfigDict, workdir: str,
+                      points: list[Point], specs: list[str], storage_url: str,
+                      study_name: Optional[str], heartbeat_seconds: int,
+                      say: Callable[[str], None]) -> dict[str, str]:
+  """The points as an Optuna study over `storage_url` (a GridSampler), which any number
+  of workers running the same command share (`deepdigits.tools.study`); returns each
+  point's status once none is left to start or running."""
+  optuna = study.import_optuna()
+  grid = parse_grid(specs, config)
+  name = study_name or storage.resolved(workdir)
+  shared = study.open_study(
+      storage_url, name, {'kind': 'grid', 'grid': dict(grid),
+                          'config': comparable_config(config)}, heartbeat_seconds,
+      sampler=optuna.samplers.GridSampler(dict(grid)))
+  by_name = {p.name: p for p in points}
+
+  def objective(trial):
+    values = {field: trial.suggest_categorical(field, values) for field, values in grid}
+    return study.run_trial(trial, by_name[point_name(values)], ranking_value, say)
+
+  def started_all(trials) -> bool:
+    started = {t.system_attrs.get('grid_id') for t in trials}
+    return len(started & set(range(len(points)))) == len(points)
+
+  def status() -> dict[str, str]:
+    return study.statuses(points, shared.get_trials(deepcopy=False),
+                          lambda p: finished_record(p) is not None)
+
+  say(f'sweep: {len(points)} points in study {name!r} of {study.shown_url(storage_url)}')
+  study.serve(shared, lambda trials: not started_all(trials), objective,
+              lambda: write_results(workdir, points, status()), heartbeat_seconds)
+  return status()
+
+
 def run_sweep(config: ml_collections.ConfigDict, workdir: str, specs: list[str],
-              say: Callable[[str], None] = print) -> list[dict]:
-  """Runs every unfinished point in turn and writes the tables after each; returns the
-  rows, best first. A point that fails is reported on its row and the others go on;
-  a DeepDigitsError at the end says which failed. Preemption stops the sweep."""
+              say: Callable[[str], None] = print, storage_url: Optional[str] = None,
+              study_name: Optional[str] = None,
+              heartbeat_seconds: int = study.HEARTBEAT_SECONDS) -> list[dict]:
+  """Runs every unfinished point and writes the tables after each; returns the rows,
+  best first. Without `storage_url` the points run in turn in this process; with it,
+  in a study that other workers share. A point that fails is reported on its row and
+  the others go on; a DeepDigitsError at the end says which failed. Preemption stops
+  the sweep."""
   points = plan(config, workdir, specs)
-  status = run_points(workdir, points, say,
-                      lambda status: write_results(workdir, points, status))
+  if storage_url:
+    rundir.prepare(workdir)
+    status = run_shared_points(config, workdir, points, specs, storage_url, study_name,
+                               heartbeat_seconds, say)
+  else:
+    status = run_points(workdir, points, say,
+                        lambda status: write_results(workdir, points, status))
   rows, table = write_results(workdir, points, status)
   say(table.rstrip())
   error = failed_points_error(points, status, storage.join(workdir, RESULTS_MD))
@@ -353,6 +422,7 @@ def define_flags():
                                   lock_config=True)
   flags.DEFINE_multi_string('grid', None, "A field and its values, 'field=v1,v2,...'; "
                             'repeat for more fields (their cartesian product is run).')
+  define_study_flags()
   flags.mark_flags_as_required(['config', 'workdir', 'grid'])
 
 
@@ -362,7 +432,20 @@ def main():
     if f'config.{field}' in FLAGS and FLAGS[f'config.{field}'].present:
       raise ConfigError(f'--config.{field} and --grid {field} both set it; keep one.')
   run_sweep(loaded_config(), FLAGS.workdir, FLAGS.grid,
-            say=lambda line: print(line, flush=True))
+            say=lambda line: print(line, flush=True), storage_url=FLAGS.storage,
+            study_name=FLAGS.study, heartbeat_seconds=FLAGS.heartbeat_seconds)
+
+
+def define_study_flags():
+  """The flags of a study shared by workers (the sweep's and the search's)."""
+  flags.DEFINE_string('storage', None, 'An Optuna database URL (sqlite:///DIR/study.db, '
+                      'postgresql://USER@HOST/DB) that the workers share; every process '
+                      'started with it is one more worker.')
+  flags.DEFINE_string('study', None, "The study's name in --storage (default: the "
+                      "workdir's absolute path).")
+  flags.DEFINE_integer('heartbeat_seconds', study.HEARTBEAT_SECONDS,
+                       "A worker's heartbeat interval; a trial silent for twice this is "
+                       'queued again and resumed by another worker.')
 
 
 if __name__ == '__main__':
