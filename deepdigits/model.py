@@ -24,7 +24,8 @@ POOL_IMPLS = ('native', 'strided_views')
 
 def max_pool_2x2(x: jax.Array, impl: str) -> jax.Array:
   if impl == 'native':
-    return nn.max_pool(x, (2, 2), strides=(2, 2), padding='VALID')
+    # window_shape by keyword: jax2onnx's stand-in for nn.max_pool takes only that form.
+    return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2), padding='VALID')
   if impl == 'strided_views':
     return max_pool_2x2_strided(x)
   raise ValueError(f'pool_impl must be one of {POOL_IMPLS}, got {impl!r}')

@@ -1,5 +1,6 @@
-"""A trained run leaves as a StableHLO artifact and as a Keras file, each giving this
-codebase's predictions when loaded by a process that imports jax or Keras only."""
+"""A trained run leaves as a StableHLO artifact, a Keras file and an ONNX model, each
+giving this codebase's predictions when loaded by a process that imports jax, Keras or
+onnxruntime only."""
 
 import json
 import os
@@ -19,15 +20,21 @@ from deepdigits.tools import export, keras_weights
 
 os.environ['KERAS_BACKEND'] = 'jax'  # before keras is imported: no TensorFlow needed
 pytest.importorskip('keras', reason="the Keras export needs Keras 3 (pip install -e '.[export]')")
+for module in ('jax2onnx', 'onnxruntime'):
+  pytest.importorskip(module, reason="the ONNX export needs jax2onnx and its tests "
+                      "onnxruntime (pip install -e '.[dev]')")
 pytestmark = pytest.mark.filterwarnings('ignore::DeprecationWarning:keras.*')
 
-# Loads both files with jax and Keras alone and prints their outputs as JSON: the test
-# digits in, logits (StableHLO) and probabilities (Keras) out.
+# Loads the three files with jax, Keras and onnxruntime alone and prints their outputs as
+# JSON: the test digits in, logits (StableHLO, ONNX) and probabilities (Keras) out.
 OUTSIDE = '''
 import json, os, sys
 os.environ['KERAS_BACKEND'] = 'jax'
-import jax, keras, numpy as np
+import jax, keras, numpy as np, onnxruntime
 images = np.load(sys.argv[3])
+session = onnxruntime.InferenceSession(sys.argv[4])
+onnx_logits = [session.run(['logits'], {'images': batch})[0] for batch in (images[:37], images)]
+onnx_input = session.get_inputs()[0]
 exported = jax.export.deserialize(bytearray(open(sys.argv[1], 'rb').read()))
 logits = [np.asarray(exported.call(images[:37])), np.asarray(exported.call(images))]
 model = keras.saving.load_model(sys.argv[2])
@@ -35,20 +42,23 @@ probabilities = model.predict(images.astype(np.float32) / 255.0, verbose=0)
 assert not any(m.startswith('deepdigits') for m in sys.modules), 'deepdigits was imported'
 print(json.dumps({'logits_37': logits[0].tolist(), 'logits': logits[1].tolist(),
                   'probabilities': probabilities.tolist(),
-                  'input': str(exported.in_avals[0])}))
+                  'input': str(exported.in_avals[0]),
+                  'onnx_logits_37': onnx_logits[0].tolist(), 'onnx_logits': onnx_logits[1].tolist(),
+                  'onnx_input': [onnx_input.name, onnx_input.type, onnx_input.shape]}))
 '''
 
 
 @pytest.fixture(scope='module')
 def exported(tiny_trained_workdir, tiny_mnist_dir, tmp_path_factory):
   directory = tmp_path_factory.mktemp('export')
-  paths = {'stablehlo': str(directory / 'model.jax'), 'keras': str(directory / 'model.keras')}
+  paths = {'stablehlo': str(directory / 'model.jax'), 'keras': str(directory / 'model.keras'),
+           'onnx': str(directory / 'model.onnx')}
   lines = {fmt: export.export_workdir(tiny_trained_workdir, fmt, path)
            for fmt, path in paths.items()}
   images = read_idx_split(tiny_mnist_dir, 'test').images
   np.save(directory / 'images.npy', images)
   result = subprocess.run([sys.executable, '-c', OUTSIDE, paths['stablehlo'], paths['keras'],
-                           str(directory / 'images.npy')], cwd=directory,
+                           str(directory / 'images.npy'), paths['onnx']], cwd=directory,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   outside = json.loads(result.stdout.strip().splitlines()[-1])
@@ -67,6 +77,15 @@ def test_the_stablehlo_artifact_runs_with_jax_alone_on_any_batch_size(exported):
   assert exported['lines']['stablehlo'] == (
       f'wrote the latest checkpoint of {exported["workdir"]} (step 16) as stablehlo to '
       f'{exported["paths"]["stablehlo"]}')
+
+
+def test_the_onnx_model_runs_in_onnxruntime_on_any_batch_size(exported):
+  outside, ours = exported['outside'], exported['ours']
+  assert outside['onnx_input'] == ['images', 'tensor(uint8)', ['N', 28, 28, 1]]
+  np.testing.assert_allclose(outside['onnx_logits'], ours, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(outside['onnx_logits_37'], ours[:37], rtol=1e-4, atol=1e-4)
+  assert (np.argmax(outside['onnx_logits'], -1) == ours.argmax(-1)).all()
+  assert exported['lines']['onnx'].endswith(f'as onnx to {exported["paths"]["onnx"]}')
 
 
 def test_the_keras_file_predicts_as_we_do_and_reads_back_to_the_same_weights(exported):
@@ -90,8 +109,9 @@ def test_bad_requests_are_one_clear_error(tiny_trained_workdir, tmp_path):
     export.export_workdir(tiny_trained_workdir, 'stablehlo', str(missing))
   assert str(error.value) == (f'--out={missing}: the folder {missing.parent} does not '
                               'exist; create it first.')
-  with pytest.raises(ConfigError, match=r'^--format=onnx: use one of stablehlo, keras\.$'):
-    export.export_workdir(tiny_trained_workdir, 'onnx', str(tmp_path / 'model.onnx'))
+  with pytest.raises(ConfigError, match=r'^--format=tflite: use one of stablehlo, keras, '
+                                        r'onnx\.$'):
+    export.export_workdir(tiny_trained_workdir, 'tflite', str(tmp_path / 'model.tflite'))
   widths = tmp_path / 'widths'  # the run's weights, recorded as trained on 14-pixel widths
   (widths / 'checkpoints').mkdir(parents=True)
   config = rundir.read_config(tiny_trained_workdir)

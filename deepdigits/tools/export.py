@@ -2,6 +2,7 @@
 
     python -m deepdigits.tools.export --workdir=DIR --format=stablehlo --out=model.jax
     python -m deepdigits.tools.export --workdir=DIR --format=keras --out=model.keras
+    python -m deepdigits.tools.export --workdir=DIR --format=onnx --out=model.onnx
 
 It exports the weights the run is evaluated with (`inference.load_trained`): the
 moving averages if the run kept them, and re-estimated BatchNorm statistics if it
@@ -12,9 +13,13 @@ recalibrates; `--checkpoint=best` the best checkpoint instead of the latest.
   alone: `jax.export.deserialize(data).call(images)`.
 - keras: the original Keras Sequential (Keras 3, `.keras`), with the original softmax
   output, on images scaled to [0, 1]: the reverse of `keras_weights`, which reads it back.
+- onnx: an ONNX model (opset 23) converted from the same jitted function as stablehlo by
+  jax2onnx, which translates jaxprs, so it needs no TensorFlow and keeps Flax's own
+  layers: uint8 images [N, 28, 28, 1] in, N free, logits [N, 10] out.
 Usage from outside for each: docs/export.md.
 """
 
+import logging
 import os
 
 import jax
@@ -28,7 +33,8 @@ from deepdigits.data import IMAGE_SHAPE
 from deepdigits.errors import ConfigError
 from deepdigits.tools.keras_weights import FLAX_LAYERS
 
-FORMATS = ('stablehlo', 'keras')
+FORMATS = ('stablehlo', 'keras', 'onnx')
+ONNX_OPSET = 23
 
 
 def exportable(trained: inference.Trained) -> inference.Trained:
@@ -44,17 +50,40 @@ def exportable(trained: inference.Trained) -> inference.Trained:
   return inference.Trained(trained.config, model, trained.mesh, *host, trained.step)
 
 
-def stablehlo_export(trained: inference.Trained) -> jax.export.Exported:
-  """uint8 [N, 28, 28, 1] -> logits [N, 10], N symbolic, the weights as constants."""
+def logits_function(trained: inference.Trained):
+  """uint8 images [N, 28, 28, 1] -> logits [N, 10], the weights closed over (pure)."""
   trained = exportable(trained)
   variables = trained.variables
 
   def logits(images):
     return trained.model.apply(variables, images.astype(jnp.float32) / 255.0, train=False)
 
+  return logits
+
+
+def stablehlo_export(trained: inference.Trained) -> jax.export.Exported:
+  """uint8 [N, 28, 28, 1] -> logits [N, 10], N symbolic, the weights as constants."""
   (batch,) = jax.export.symbolic_shape('batch')
-  return jax.export.export(jax.jit(logits))(
+  return jax.export.export(jax.jit(logits_function(trained)))(
       jax.ShapeDtypeStruct((batch,) + IMAGE_SHAPE, jnp.uint8))
+
+
+def onnx_export(trained: inference.Trained) -> bytes:
+  """The ONNX model's bytes: input 'images' uint8 [N, 28, 28, 1], output 'logits'
+  [N, 10], the weights as initializers in the one file."""
+  try:
+    import jax2onnx  # pylint: disable=g-import-not-at-top
+    import onnx  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    raise ConfigError("--format=onnx needs jax2onnx: pip install -e '.[export]'") from None
+  # onnx_ir warns about the shapes of constants it does not need to store; not ours to fix.
+  logging.getLogger('onnx_ir').setLevel(logging.ERROR)
+  model = jax2onnx.to_onnx(
+      logits_function(trained), [jax.ShapeDtypeStruct(('N',) + IMAGE_SHAPE, jnp.uint8)],
+      model_name='deepdigits', opset=ONNX_OPSET, input_names=['images'],
+      output_names=['logits'])
+  onnx.checker.check_model(model)
+  return model.SerializeToString()
 
 
 def keras_arrays(trained: inference.Trained) -> list[np.ndarray]:
@@ -119,6 +148,8 @@ def export_workdir(workdir: str, fmt: str, out: str, checkpoint: str = 'latest')
       raise ConfigError("--format=stablehlo needs flatbuffers: pip install -e '.[export]'"
                         ) from None
     storage.write_bytes(out, bytes(data))
+  elif fmt == 'onnx':
+    storage.write_bytes(out, onnx_export(trained))
   else:
     model = keras_sequential()
     model.set_weights(keras_arrays(trained))
