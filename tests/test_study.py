@@ -223,7 +223,8 @@ def test_a_worker_with_another_grid_or_config_is_refused(tmp_path):
   config = tiny_config(str(tmp_path))
   definition = {'kind': 'grid', 'grid': {'seed': [0, 1]},
                 'config': sweep.comparable_config(config)}
-  study.open_study(url, 'grid', definition, heartbeat_seconds=1)
+  created = study.open_study(url, 'grid', definition, heartbeat_seconds=1)
+  assert isinstance(created.pruner, optuna.pruners.NopPruner)  # a grid's points run out
   study.open_study(url, 'grid', definition, heartbeat_seconds=1)  # the same: joins
   other_config = tiny_config(str(tmp_path), learning_rate=0.1)
   for other, what in (({**definition, 'grid': {'seed': [0, 1, 2]}}, 'grid'),

@@ -92,13 +92,16 @@ def open_study(url: str, name: str, definition: dict, heartbeat_seconds: int,
                sampler=None, pruner=None):
   """The study `name` in the storage at `url`, created if new. `definition` (what the
   study runs: its kind, grid or space, base config) is recorded with it, and a worker
-  started with another one is refused before any work."""
+  started with another one is refused before any work. No pruner unless given (Optuna's
+  default would prune a grid's points)."""
   optuna = import_optuna()
   definition = json.loads(json.dumps(definition))  # as the database gives it back
   study_storage = open_storage(url, heartbeat_seconds)
   try:
-    study = optuna.create_study(storage=study_storage, study_name=name, sampler=sampler,
-                                pruner=pruner, direction='maximize', load_if_exists=True)
+    study = optuna.create_study(
+        storage=study_storage, study_name=name, sampler=sampler,
+        pruner=pruner or optuna.pruners.NopPruner(), direction='maximize',
+        load_if_exists=True)
   except Exception as e:  # pylint: disable=broad-except (a database that refuses)
     reason = ' '.join(str(e).split('\n')[0].split())[:200]
     raise ConfigError(f'--storage={shown_url(url)}: cannot open study {name!r} '
