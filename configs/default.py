@@ -112,5 +112,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.tensorboard = True
   # Print the layer table (shapes and parameter counts) at start.
   config.model_summary = True
+  # A jax.profiler trace of this many train steps (after the run's first 2) in
+  # workdir/profile, for TensorBoard's profile plugin and Perfetto; 0 = none.
+  config.profile_steps = 0
 
   return config

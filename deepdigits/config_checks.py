@@ -36,7 +36,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
   non_negative = ('validation_size', 'train_subset',
                   'bn_recalibration_batches', 'l2_weight', 'checkpoint_every_steps',
                   'warmup_epochs', 'augment_max_shift', 'augment_max_rotation',
-                  'augment_elastic_alpha', 'bn_group_size')
+                  'augment_elastic_alpha', 'bn_group_size', 'profile_steps')
   for name in positive:
     if not config[name] > 0:
       raise ConfigError(f'--config.{name}={config[name]} must be > 0.')

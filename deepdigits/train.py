@@ -21,6 +21,7 @@ from deepdigits import (
   host_memory,
   input_pipeline,
   model_factory,
+  profiling,
   rundir,
   sharding,
 )
@@ -217,6 +218,7 @@ def _train_and_evaluate(config, workdir: str, mesh, on_epoch) -> dict:
   say(f'train step compiled in {time.perf_counter() - start:.1f} s')
   evaluator = Evaluator(eval_model, mesh, config.eval_batch_size)
   recalibrate = BatchNormRecalibrator(eval_model, mesh)
+  profiler = profiling.StepProfiler(workdir, config.profile_steps, step, say)
 
   # Loop.
   previous = log.records()
@@ -234,7 +236,7 @@ def _train_and_evaluate(config, workdir: str, mesh, on_epoch) -> dict:
                                  steps_per_epoch, first, config.batch_size)
         state, step = run_epoch_steps(
             step_fn, state, step, feed.epoch(order, first), progress, preemption,
-            checkpoints, config.checkpoint_every_steps)
+            checkpoints, config.checkpoint_every_steps, profiler)
         sums = jax.device_get(state.epoch_sums)
         checkpoints.check_finite(state)
         train_seconds = time.perf_counter() - epoch_start
@@ -258,14 +260,19 @@ def _train_and_evaluate(config, workdir: str, mesh, on_epoch) -> dict:
 
 
 def run_epoch_steps(step_fn, state: TrainState, step: int, epoch_data, progress,
-                    preemption, checkpoints, checkpoint_every_steps: int):
+                    preemption, checkpoints, checkpoint_every_steps: int,
+                    profiler: profiling.StepProfiler):
   """The epoch's train steps from `step` on; returns the state (its `epoch_sums` those
   of the whole epoch) and the step reached. A preemption saves and stops at a step
-  boundary; `checkpoint_every_steps` saves within the epoch."""
+  boundary; `checkpoint_every_steps` saves within the epoch; the profiler traces the
+  steps it was asked for (stopping at the epoch's end at the latest)."""
   in_flight = collections.deque()
   for data_args in epoch_data:
-    state, metrics = step_fn(state, *data_args)
+    profiler.before_step(step)
+    with profiler.annotate(step):
+      state, metrics = step_fn(state, *data_args)
     step += 1
+    profiler.after_step(step, state)
     # The in-flight cap: wait for the step before last, so that no more than
     # MAX_STEPS_IN_FLIGHT steps are queued (see sharding); its metrics feed the bar.
     in_flight.append(metrics)
@@ -277,6 +284,7 @@ def run_epoch_steps(step_fn, state: TrainState, step: int, epoch_data, progress,
     if checkpoint_every_steps and step % checkpoint_every_steps == 0:
       checkpoints.save(state, step)
   progress.close()
+  profiler.finish(state)
   return state, step
 
 

@@ -50,8 +50,26 @@ def benchmark_images(config, num_images: int) -> Split:
                rng.integers(0, 10, num_images).astype(np.int32))
 
 
-def run_benchmark(config, steps: int, windows: int, eval_batches: int) -> dict:
-  """Measures and returns the figures (also printed)."""
+def trace_train_steps(folder: str, step_fn, state, feed, order, num_steps: int):
+  """A jax.profiler trace (XSpace and Perfetto) of num_steps train steps, each annotated
+  as a 'train' step; returns the state after them."""
+  first = int(state.step)
+  with jax.profiler.trace(folder, create_perfetto_trace=True):
+    while int(state.step) < first + num_steps:
+      for data_args in feed.epoch(order, 0):
+        with jax.profiler.StepTraceAnnotation('train', step_num=int(state.step)):
+          state, _ = step_fn(state, *data_args)
+        if int(state.step) == first + num_steps:
+          break
+    jax.block_until_ready(state)
+  print(f'profile of {num_steps} train steps written to {folder}')
+  return state
+
+
+def run_benchmark(config, steps: int, windows: int, eval_batches: int,
+                  profile_dir: str = '') -> dict:
+  """Measures and returns the figures (also printed). With `profile_dir`, then traces
+  `config.profile_steps` train steps (one window's if 0) there, after the timing."""
   mesh = sharding.make_mesh()
   config_checks.validate(config, mesh)
   model = model_factory.make_model(config)
@@ -142,6 +160,8 @@ def run_benchmark(config, steps: int, windows: int, eval_batches: int) -> dict:
         f"compile {eval_compile_seconds:.1f} s")
   print(f"peak host memory: {r['peak_host_memory_gib']:.2f} GiB; "
         f"{r['host_page_faults_per_step']:.0f} page faults per train step")
+  if profile_dir:  # after the timing: tracing slows the steps it traces
+    trace_train_steps(profile_dir, step_fn, state, feed, order, config.profile_steps or steps)
   print(f"RESULT framework=deepdigits-jax batch={r['batch_size']} dtype={r['dtype']} "
         f"imgs_per_s={r['train_images_per_second']:.1f} "
         f"eval_imgs_per_s={r['eval_images_per_second']:.1f}")
@@ -149,7 +169,8 @@ def run_benchmark(config, steps: int, windows: int, eval_batches: int) -> dict:
 
 
 def main():
-  run_benchmark(loaded_config(), FLAGS.steps, FLAGS.windows, FLAGS.eval_batches)
+  run_benchmark(loaded_config(), FLAGS.steps, FLAGS.windows, FLAGS.eval_batches,
+                FLAGS.profile_dir or '')
 
 
 def define_flags():
@@ -160,6 +181,8 @@ def define_flags():
   flags.DEFINE_integer('steps', 20, 'Train steps per timed window.')
   flags.DEFINE_integer('windows', 5, 'Timed windows (after one warm-up window).')
   flags.DEFINE_integer('eval_batches', 10, 'Eval batches per timed window.')
+  flags.DEFINE_string('profile_dir', None, 'After the timing, a jax.profiler trace of '
+                      '--config.profile_steps train steps (one window if 0) in this folder.')
   flags.mark_flags_as_required(['config'])
 
 

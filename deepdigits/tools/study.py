@@ -35,6 +35,9 @@ from deepdigits.preemption import Preempted
 HEARTBEAT_SECONDS = 60
 STUDY_ATTR = 'deepdigits'  # the study's user attribute that records what it runs
 INSTALL_HINT = "pip install 'deepdigits[study]'"
+OPEN_ATTEMPTS = 5
+# What SQLAlchemy raises when another worker is creating the same database at that moment.
+RACE_ERRORS = ('IntegrityError', 'OperationalError')
 
 
 class PointFailed(Exception):
@@ -78,14 +81,20 @@ def open_storage(url: str, heartbeat_seconds: int = HEARTBEAT_SECONDS):
     if not os.path.isdir(folder):
       raise ConfigError(f'--storage={url}: the folder {folder} does not exist; create it '
                         'or give another path.')
-  try:
-    return optuna.storages.RDBStorage(
-        url, heartbeat_interval=heartbeat_seconds, grace_period=2 * heartbeat_seconds,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
-  except Exception as e:  # pylint: disable=broad-except (SQLAlchemy's and drivers' own)
-    reason = ' '.join(str(e).split('\n')[0].split())[:200]
-    raise ConfigError(f'--storage={shown_url(url)}: cannot open it ({type(e).__name__}: '
-                      f'{reason}).') from None
+  # Workers started together race to create a new database's tables (one of them then
+  # fails on the schema's version row): the losers find the tables made and open them.
+  for attempt in range(OPEN_ATTEMPTS):
+    try:
+      return optuna.storages.RDBStorage(
+          url, heartbeat_interval=heartbeat_seconds, grace_period=2 * heartbeat_seconds,
+          heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback())
+    except Exception as e:  # pylint: disable=broad-except (SQLAlchemy's and drivers' own)
+      if attempt + 1 < OPEN_ATTEMPTS and type(e).__name__ in RACE_ERRORS:
+        time.sleep(0.5 * (attempt + 1))
+        continue
+      reason = ' '.join(str(e).split('\n')[0].split())[:200]
+      raise ConfigError(f'--storage={shown_url(url)}: cannot open it ({type(e).__name__}: '
+                        f'{reason}).') from None
 
 
 def open_study(url: str, name: str, definition: dict, heartbeat_seconds: int,
