@@ -88,6 +88,10 @@ def get_config() -> ml_collections.ConfigDict:
   # every device once, each batch sliced by index inside the jitted step) or 'host'
   # (each process sends its rows of every batch; for data larger than device memory).
   config.feed = 'device'
+  # Train steps per jitted call (a loop on the device over the device feed's batches):
+  # on an accelerator one Python dispatch per step can cost more than the step. Saves
+  # and preemption stops fall on dispatch boundaries; the numbers are those of 1.
+  config.steps_per_dispatch = 1
   # Seed of the parameter initialisation, dropout and the data order.
   config.seed = 0
 

@@ -32,7 +32,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     if isinstance(value, float) and not math.isfinite(value):
       raise ConfigError(f'--config.{name}={value} is not a finite number.')
   positive = ('batch_size', 'eval_batch_size', 'learning_rate', 'checkpoint_every_epochs',
-              'max_to_keep', 'num_epochs', 'adam_eps')
+              'max_to_keep', 'num_epochs', 'adam_eps', 'steps_per_dispatch')
   non_negative = ('validation_size', 'train_subset',
                   'bn_recalibration_batches', 'l2_weight', 'checkpoint_every_steps',
                   'warmup_epochs', 'augment_max_shift', 'augment_max_rotation',
@@ -71,5 +71,8 @@ def check_values(config: ml_collections.ConfigDict) -> None:
                         ('lr_schedule', LR_SCHEDULES)):
     if config[name] not in choices:
       raise ConfigError(f'--config.{name}={config[name]!r}: use one of {choices}.')
+  if config.steps_per_dispatch > 1 and config.feed != 'device':
+    raise ConfigError(f'--config.steps_per_dispatch={config.steps_per_dispatch} needs '
+                      "--config.feed='device' (the loop slices its batches on the device).")
   if config.conv_impl == 'onednn' and (problem := model_factory.onednn_problem(config.dtype)):
     raise ConfigError(f"--config.conv_impl='onednn' {problem}.")

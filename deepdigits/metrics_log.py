@@ -144,17 +144,18 @@ class EpochProgress:
                             desc=f'epoch {epoch}/{num_epochs}', unit='step', leave=False,
                             dynamic_ncols=True)
 
-  def update(self, finished_step_metrics) -> None:
-    """Called with the (host) metrics of each step once it has finished."""
+  def update(self, finished_step_metrics, steps: int = 1) -> None:
+    """Called with the (host) metrics of each dispatch of `steps` steps once it has
+    finished (their sums)."""
     if not self.enabled:
       return
     self.loss_sum += float(finished_step_metrics['loss_sum'])
     self.count += float(finished_step_metrics['count'])
-    self._steps += 1
+    self._steps += steps
     rate = self._steps * self.batch_size / (time.perf_counter() - self._start)
     self._bar.set_postfix_str(f'loss {self.loss_sum / self.count:.4f}  {rate:.0f} img/s',
                               refresh=False)
-    self._bar.update()
+    self._bar.update(steps)
 
   def close(self) -> None:
     if self.enabled:

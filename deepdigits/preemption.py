@@ -47,11 +47,13 @@ class PreemptionGuard:
     self.signum = signum
     signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
 
-  def should_stop(self, step: int) -> bool:
-    """True when the run must stop after `step`; every host answers the same."""
+  def should_stop(self, step: int, steps: int = 1) -> bool:
+    """True when the run must stop after `step`, reached by a dispatch of `steps` steps;
+    every host answers the same (they agree at each dispatch that crosses a multiple of
+    SYNC_EVERY_STEPS)."""
     if jax.process_count() == 1:
       return self.signum is not None
-    if step % SYNC_EVERY_STEPS:
+    if step // SYNC_EVERY_STEPS == (step - steps) // SYNC_EVERY_STEPS:
       return False
     flags = multihost_utils.process_allgather(np.array(self.signum or 0, np.int32))
     if self.signum is None and np.any(flags):

@@ -39,8 +39,11 @@ class StepProfiler:
       return _NoAnnotation()
     return jax.profiler.StepTraceAnnotation('train', step_num=step)
 
-  def before_step(self, step: int) -> None:
-    if step == self.start:
+  def before_step(self, step: int, steps: int = 1) -> None:
+    """Before the dispatch of `steps` steps from `step`: starts the trace if it holds
+    the first step to trace."""
+    if self.start is not None and self.tracing_since is None and (
+        step <= self.start < step + steps):
       folder = storage.join(self.workdir, PROFILE_DIR)
       if storage.is_remote(folder):  # written here, then copied up
         self._local = tempfile.mkdtemp(prefix='deepdigits-profile-')

@@ -90,7 +90,8 @@ def recorded_config(config: ml_collections.ConfigDict) -> dict:
 # Config fields added after runs were first recorded, each with the value that reproduces
 # a run recorded without it, so that commands on older workdirs keep working.
 LATER_FIELDS = {'width_normalization': 0, 'bn_group_size': 0, 'download': True,
-                'data_mirrors': mnist_download.DEFAULT_MIRRORS, 'profile_steps': 0}
+                'data_mirrors': mnist_download.DEFAULT_MIRRORS, 'profile_steps': 0,
+                'steps_per_dispatch': 1}
 
 
 # Config fields renamed since runs were first recorded: the old name to the new one.
@@ -141,6 +142,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 # Fields that change how a run is watched, saved, fed or computed on this machine, never
 # what it computes: a resumed run may change them. (`num_epochs` has its own rules.)
 RESUMABLE_FIELDS = ('progress', 'tensorboard', 'model_summary', 'profile_steps',
+                    'steps_per_dispatch',
                     'checkpoint_every_epochs', 'checkpoint_every_steps', 'max_to_keep',
                     'eval_batch_size', 'download', 'data_mirrors', 'feed', 'conv_impl',
                     'pool_impl')

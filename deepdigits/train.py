@@ -143,17 +143,64 @@ def train_step_from_order(model: nn.Module, options: StepOptions, batch_size: in
   return train_step(model, options, state, *batch)
 
 
+def train_steps_from_order(model: nn.Module, options: StepOptions, batch_size: int,
+                           steps_per_epoch: int, mesh, state: TrainState, images, labels,
+                           order, num_steps):
+  """`num_steps` (a traced count) `train_step_from_order` steps in one call, a loop on
+  the device; returns the state and the sums of the steps' metrics (pure)."""
+
+  def step(_, carry):
+    state, sums = carry
+    state, metrics = train_step_from_order(model, options, batch_size, steps_per_epoch,
+                                           mesh, state, images, labels, order)
+    return state, jax.tree.map(jnp.add, sums, metrics)
+
+  zeros = {'loss_sum': jnp.float32(0), 'l2_sum': jnp.float32(0), 'correct': jnp.int32(0),
+           'count': jnp.float32(0)}
+  return jax.lax.fori_loop(0, num_steps, step, (state, zeros))
+
+
 def compile_train_step(config, model, mesh, state: TrainState, feed):
   """The train step for `feed` (an input_pipeline feed), compiled ahead of time, with
-  the state's buffers donated; called as step_fn(state, *data_args)."""
-  if feed.kind == 'device':
-    fn = functools.partial(train_step_from_order, model, StepOptions.from_config(config),
-                           config.batch_size, feed.steps_per_epoch, mesh)
+  the state's buffers donated; called as step_fn(state, *data_args) with the args of
+  `epoch_dispatches`. With config.steps_per_dispatch > 1 (the device feed), one call
+  runs the number of steps its last argument says."""
+  options = StepOptions.from_config(config)
+  specs = feed.arg_specs()
+  if feed.kind == 'device' and config.steps_per_dispatch > 1:
+    fn = functools.partial(train_steps_from_order, model, options, config.batch_size,
+                           feed.steps_per_epoch, mesh)
+    specs += (jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh)),)
+  elif feed.kind == 'device':
+    fn = functools.partial(train_step_from_order, model, options, config.batch_size,
+                           feed.steps_per_epoch, mesh)
   else:
-    fn = functools.partial(train_step, model, StepOptions.from_config(config))
+    fn = functools.partial(train_step, model, options)
   step = jax.jit(fn, donate_argnums=0,
                  out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)))
-  return step.lower(state, *feed.arg_specs()).compile()
+  return step.lower(state, *specs).compile()
+
+
+def epoch_dispatches(feed, order, step: int, steps_per_dispatch: int,
+                     checkpoint_every_steps: int, mesh):
+  """(data args, steps) of each call of the compiled step over the rest of the epoch
+  from global step `step`: one step a call, or with steps_per_dispatch > 1 up to that
+  many, a dispatch never crossing the epoch's end or a `checkpoint_every_steps`
+  boundary (so saves fall where they would with one step a call)."""
+  position = step % feed.steps_per_epoch
+  if steps_per_dispatch == 1:
+    for data_args in feed.epoch(order, position):
+      yield data_args, 1
+    return
+  counts = {}  # each count once on the devices, as the compiled step takes it
+  while position < feed.steps_per_epoch:
+    n = min(steps_per_dispatch, feed.steps_per_epoch - position)
+    if checkpoint_every_steps:
+      n = min(n, checkpoint_every_steps - step % checkpoint_every_steps)
+    if n not in counts:
+      counts[n] = jax.device_put(jnp.int32(n), sharding.replicated(mesh))
+    yield (feed.images, feed.labels, order, counts[n]), n
+    position, step = position + n, step + n
 
 
 # ---------------------------------------------------------------- the loop
@@ -234,9 +281,11 @@ def _train_and_evaluate(config, workdir: str, mesh, on_epoch) -> dict:
               zero_epoch_sums(), sharding.replicated(mesh)))
         progress = EpochProgress(config.progress, epoch + 1, config.num_epochs,
                                  steps_per_epoch, first, config.batch_size)
-        state, step = run_epoch_steps(
-            step_fn, state, step, feed.epoch(order, first), progress, preemption,
-            checkpoints, config.checkpoint_every_steps, profiler)
+        dispatches = epoch_dispatches(feed, order, step, config.steps_per_dispatch,
+                                      config.checkpoint_every_steps, mesh)
+        state, step = run_epoch_steps(step_fn, state, step, dispatches, progress,
+                                      preemption, checkpoints,
+                                      config.checkpoint_every_steps, profiler)
         sums = jax.device_get(state.epoch_sums)
         checkpoints.check_finite(state)
         train_seconds = time.perf_counter() - epoch_start
@@ -259,26 +308,29 @@ def _train_and_evaluate(config, workdir: str, mesh, on_epoch) -> dict:
   return record
 
 
-def run_epoch_steps(step_fn, state: TrainState, step: int, epoch_data, progress,
+def run_epoch_steps(step_fn, state: TrainState, step: int, dispatches, progress,
                     preemption, checkpoints, checkpoint_every_steps: int,
                     profiler: profiling.StepProfiler):
-  """The epoch's train steps from `step` on; returns the state (its `epoch_sums` those
-  of the whole epoch) and the step reached. A preemption saves and stops at a step
-  boundary; `checkpoint_every_steps` saves within the epoch; the profiler traces the
-  steps it was asked for (stopping at the epoch's end at the latest)."""
+  """The epoch's train steps from `step` on, one call of `step_fn` per item of
+  `dispatches` ((data args, steps), from `epoch_dispatches`); returns the state (its
+  `epoch_sums` those of the whole epoch) and the step reached. A preemption saves and
+  stops at a dispatch boundary; `checkpoint_every_steps` saves within the epoch; the
+  profiler traces the steps it was asked for (stopping at the epoch's end at the
+  latest)."""
   in_flight = collections.deque()
-  for data_args in epoch_data:
-    profiler.before_step(step)
+  for data_args, steps in dispatches:
+    profiler.before_step(step, steps)
     with profiler.annotate(step):
       state, metrics = step_fn(state, *data_args)
-    step += 1
+    step += steps
     profiler.after_step(step, state)
-    # The in-flight cap: wait for the step before last, so that no more than
-    # MAX_STEPS_IN_FLIGHT steps are queued (see sharding); its metrics feed the bar.
-    in_flight.append(metrics)
+    # The in-flight cap: wait for the dispatch before last, so that no more than
+    # MAX_STEPS_IN_FLIGHT are queued (see sharding); its metrics feed the bar.
+    in_flight.append((metrics, steps))
     if len(in_flight) > sharding.MAX_STEPS_IN_FLIGHT:
-      progress.update(jax.block_until_ready(in_flight.popleft()))
-    if preemption.should_stop(step):
+      finished, finished_steps = in_flight.popleft()
+      progress.update(jax.block_until_ready(finished), finished_steps)
+    if preemption.should_stop(step, steps):
       progress.close()
       checkpoints.save_and_stop(state, step, preemption)
     if checkpoint_every_steps and step % checkpoint_every_steps == 0:

@@ -164,6 +164,7 @@ def tiny_seeds_folder(tmp_path_factory, tiny_mnist_dir) -> dict:
 # module-scoped fixtures, and the session ones above for the modules that read them.
 SHARED_WORKER = {'test_plots': 'tiny_trained_workdir', 'test_predict': 'tiny_trained_workdir',
                  'test_inference': 'tiny_trained_workdir', 'test_export': 'tiny_trained_workdir',
+                 'test_dispatch': 'tiny_trained_workdir',
                  'test_evaluate': 'tiny_validated_workdir',
                  'test_reporting': 'tiny_validated_workdir',
                  'test_seeds': 'tiny_seeds_folder', 'test_ensemble': 'tiny_seeds_folder'}

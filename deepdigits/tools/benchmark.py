@@ -50,19 +50,21 @@ def benchmark_images(config, num_images: int) -> Split:
                rng.integers(0, 10, num_images).astype(np.int32))
 
 
-def trace_train_steps(folder: str, step_fn, state, feed, order, num_steps: int):
-  """A jax.profiler trace (XSpace and Perfetto) of num_steps train steps, each annotated
-  as a 'train' step; returns the state after them."""
+def trace_train_steps(folder: str, step_fn, state, feed, order, num_steps: int,
+                      steps_per_dispatch: int, mesh):
+  """A jax.profiler trace (XSpace and Perfetto) of num_steps train steps (whole
+  dispatches: at least num_steps), each dispatch annotated as a 'train' step; returns
+  the state after them."""
   first = int(state.step)
   with jax.profiler.trace(folder, create_perfetto_trace=True):
     while int(state.step) < first + num_steps:
-      for data_args in feed.epoch(order, 0):
+      for data_args, _ in train.epoch_dispatches(feed, order, 0, steps_per_dispatch, 0, mesh):
         with jax.profiler.StepTraceAnnotation('train', step_num=int(state.step)):
           state, _ = step_fn(state, *data_args)
-        if int(state.step) == first + num_steps:
+        if int(state.step) >= first + num_steps:
           break
     jax.block_until_ready(state)
-  print(f'profile of {num_steps} train steps written to {folder}')
+  print(f'profile of {int(state.step) - first} train steps written to {folder}')
   return state
 
 
@@ -88,7 +90,8 @@ def run_benchmark(config, steps: int, windows: int, eval_batches: int,
 
   def train_window():  # the trainer's own loop body over one epoch of `steps` steps
     nonlocal state
-    for data_args in feed.epoch(order, 0):
+    for data_args, _ in train.epoch_dispatches(feed, order, 0, config.steps_per_dispatch,
+                                               0, mesh):
       state, metrics = step_fn(state, *data_args)
     jax.block_until_ready(metrics)
 
@@ -161,7 +164,8 @@ def run_benchmark(config, steps: int, windows: int, eval_batches: int,
   print(f"peak host memory: {r['peak_host_memory_gib']:.2f} GiB; "
         f"{r['host_page_faults_per_step']:.0f} page faults per train step")
   if profile_dir:  # after the timing: tracing slows the steps it traces
-    trace_train_steps(profile_dir, step_fn, state, feed, order, config.profile_steps or steps)
+    trace_train_steps(profile_dir, step_fn, state, feed, order, config.profile_steps or steps,
+                      config.steps_per_dispatch, mesh)
   print(f"RESULT framework=deepdigits-jax batch={r['batch_size']} dtype={r['dtype']} "
         f"imgs_per_s={r['train_images_per_second']:.1f} "
         f"eval_imgs_per_s={r['eval_images_per_second']:.1f}")
