@@ -12,9 +12,15 @@ import os
 import shutil
 import tempfile
 
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8').strip()
-os.environ['JAX_PLATFORMS'] = 'cpu'
+# The accelerator check (scripts/gpu_check.sh) runs a selection of the tests on a real
+# device: DEEPDIGITS_TEST_PLATFORM=cuda; DEEPDIGITS_TEST_DEVICES=1 tries that selection
+# on one CPU device.
+PLATFORM = os.environ.get('DEEPDIGITS_TEST_PLATFORM', 'cpu')
+if PLATFORM == 'cpu':
+  os.environ['XLA_FLAGS'] = (
+      os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=' +
+      os.environ.get('DEEPDIGITS_TEST_DEVICES', '8')).strip()
+os.environ['JAX_PLATFORMS'] = PLATFORM
 OWN_COMPILATION_CACHE = None  # made by this process (the main pytest one), removed at its end
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   OWN_COMPILATION_CACHE = tempfile.mkdtemp(prefix='jax_cache_')
