@@ -216,6 +216,7 @@ FLAGS = flags.FLAGS
 
 
 def define_flags():
+  """The command's flags, defined only when run as a command (absl flags are global)."""
   flags.DEFINE_string('workdir', None, 'Search folder: one subfolder per trial, the '
                       'results tables and (by default) the study database.')
   config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
@@ -238,10 +239,7 @@ def define_flags():
 
 
 def main():
-  for spec in FLAGS.space:
-    field = spec.partition('=')[0].strip()
-    if f'config.{field}' in FLAGS and FLAGS[f'config.{field}'].present:
-      raise ConfigError(f'--config.{field} and --space {field} both set it; keep one.')
+  sweep.refuse_fields_also_overridden('--space', FLAGS.space)
   run_search(loaded_config(), FLAGS.workdir, FLAGS.space, FLAGS.trials,
              sampler=FLAGS.sampler, pruner=FLAGS.pruner,
              startup_trials=FLAGS.startup_trials, sampler_seed=FLAGS.sampler_seed,

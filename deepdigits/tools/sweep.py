@@ -426,11 +426,16 @@ def define_flags():
   flags.mark_flags_as_required(['config', 'workdir', 'grid'])
 
 
-def main():
-  for spec in FLAGS.grid:
+def refuse_fields_also_overridden(flag: str, specs: list[str]) -> None:
+  """A ConfigError for a field that a --grid/--space spec and a --config.field both set."""
+  for spec in specs:
     field = spec.partition('=')[0].strip()
     if f'config.{field}' in FLAGS and FLAGS[f'config.{field}'].present:
-      raise ConfigError(f'--config.{field} and --grid {field} both set it; keep one.')
+      raise ConfigError(f'--config.{field} and {flag} {field} both set it; keep one.')
+
+
+def main():
+  refuse_fields_also_overridden('--grid', FLAGS.grid)
   run_sweep(loaded_config(), FLAGS.workdir, FLAGS.grid,
             say=lambda line: print(line, flush=True), storage_url=FLAGS.storage,
             study_name=FLAGS.study, heartbeat_seconds=FLAGS.heartbeat_seconds)
