@@ -4,6 +4,9 @@ that TensorBoard's profile plugin and Perfetto read, naming the train step."""
 import gzip
 import json
 
+import jax
+import jax.numpy as jnp
+
 from conftest import tiny_config
 from deepdigits import profiling, train
 from deepdigits.tools import benchmark
@@ -34,9 +37,20 @@ def test_a_run_traces_the_steps_asked_for_after_its_first_ones(tiny_mnist_dir, t
           f'--logdir={folder})') in capsys.readouterr().out
 
 
-def test_a_trace_stops_at_the_end_of_the_epoch(tiny_mnist_dir, tmp_path):
-  train.train_and_evaluate(tiny_config(tiny_mnist_dir, profile_steps=100), str(tmp_path))
-  assert step_numbers(perfetto_events(tmp_path / profiling.PROFILE_DIR)) == list(range(2, 8))
+def test_a_trace_stops_at_the_end_of_the_epoch(tmp_path):
+  """The loop calls finish() at each epoch's end: a trace asked for 100 steps of an
+  epoch of 6 (here a tiny jitted function's) holds steps 2-5."""
+  profiler = profiling.StepProfiler(str(tmp_path), num_steps=100, first_step=0,
+                                    say=lambda _: None)
+  double = jax.jit(lambda x: 2 * x)
+  x = jnp.ones(4)
+  for step in range(6):
+    profiler.before_step(step)
+    with profiler.annotate(step):
+      x = double(x)
+    profiler.after_step(step + 1, x)
+  profiler.finish(x)
+  assert step_numbers(perfetto_events(tmp_path / profiling.PROFILE_DIR)) == [2, 3, 4, 5]
 
 
 def test_the_benchmark_traces_after_its_timing(tiny_mnist_dir, tmp_path, capsys):

@@ -163,8 +163,8 @@ def test_a_tiny_sweep_runs_each_point_once_ranks_them_and_resumes_them(
   # the sweep there, its checkpoint saved and the tables written on the way out.
   config.num_epochs = 2
   update = train.EpochProgress.update
-  def update_then_terminate(progress, metrics):
-    update(progress, metrics)
+  def update_then_terminate(progress, metrics, steps=1):
+    update(progress, metrics, steps)
     if not stopped:
       stopped.append(True)
       os.kill(os.getpid(), signal.SIGTERM)
