@@ -19,6 +19,7 @@ import pytest
 
 from conftest import REPO, tiny_config
 from deepdigits.errors import ConfigError
+from deepdigits.preemption import Preempted
 from deepdigits.tools import search, study, sweep
 
 optuna = pytest.importorskip('optuna')
@@ -257,6 +258,33 @@ def test_workers_that_create_one_new_database_at_once_all_open_it(tmp_path):
     for thread in threads:
       thread.join()
     assert not errors
+
+
+def test_a_stopped_trial_is_queued_again_and_a_failed_one_is_not(tmp_path):
+  """What run_one does with a trial whose worker is stopped (a signal: Preempted) and
+  with one whose own run fails (PointFailed), on a study of its own, without training:
+  the first is queued again at once, the second is not."""
+  shared = study.open_study(f'sqlite:///{tmp_path / "study.db"}', 'runs', {'kind': 'test'},
+                            heartbeat_seconds=1)
+
+  def stopped(trial):
+    trial.suggest_float('learning_rate', 1e-3, 1e-2)
+    raise Preempted('stopped by SIGTERM at step 3', signal.SIGTERM)
+
+  def failed(trial):
+    trial.set_user_attr('error', 'the loss became NaN')
+    raise study.PointFailed('the loss became NaN')
+
+  with pytest.raises(Preempted):
+    study.run_one(shared, stopped)
+  state = optuna.trial.TrialState
+  first, copy = shared.get_trials()
+  assert (first.state, copy.state) == (state.FAIL, state.WAITING)
+  assert copy.params == first.params and study.original_number(copy) == 0
+  study.run_one(shared, failed)  # takes the queued copy first; its failure is its own
+  first, copy = shared.get_trials()  # and no copy of it is queued
+  assert copy.state == state.FAIL and copy.user_attrs == {'error': 'the loss became NaN'}
+  assert copy.params == first.params
 
 
 @pytest.mark.parametrize('url,message', [

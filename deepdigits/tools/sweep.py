@@ -262,6 +262,7 @@ def run_shared_points(config: ml_collections.ConfigDict, workdir: str,
       storage_url, name, {'kind': 'grid', 'grid': dict(grid),
                           'config': comparable_config(config)}, heartbeat_seconds,
       sampler=optuna.samplers.GridSampler(dict(grid)))
+  rundir.prepare(workdir)  # once the study is open: a bad storage leaves nothing behind
   by_name = {p.name: p for p in points}
 
   def objective(trial):
@@ -293,7 +294,6 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, specs: list[str],
   the sweep."""
   points = plan(config, workdir, specs)
   if storage_url:
-    rundir.prepare(workdir)
     status = run_shared_points(config, workdir, points, specs, storage_url, study_name,
                                heartbeat_seconds, say)
   else:
