@@ -15,6 +15,10 @@ mkdir -p gpu_check/wheels gpu_check/mnist
 python -m pip download --quiet --only-binary=:all: --python-version 3.12 --no-deps \
   -d gpu_check/wheels ml-collections dm-pix tensorboardX tqdm pytest pluggy iniconfig \
   pygments
+# Pillow (deepdigits.preprocess, which the data module imports) as the cp312 x86-64 wheel.
+python -m pip download --quiet --only-binary=:all: --python-version 3.12 --no-deps \
+  --implementation cp --abi cp312 --platform manylinux_2_28_x86_64 \
+  --platform manylinux2014_x86_64 -d gpu_check/wheels pillow
 for name in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte \
             t10k-labels-idx1-ubyte; do
   cp "$mnist/$name.gz" gpu_check/mnist/
