@@ -1,4 +1,6 @@
-"""Tests run on the CPU backend with 8 fake devices, set before jax is imported.
+"""Tests run on one CPU device, as a user's laptop does; the tests marked
+`@pytest.mark.devices(8)` (sharding, device-count checks) run in a child pytest with 8
+fake CPU devices (XLA_FLAGS, set before jax is imported): one child per module.
 
 Tests that need the real MNIST digits take them from the folder DEEPDIGITS_MNIST_DIR
 names (CI sets it to ../shared/data/mnist); else from the download cache, fetching
@@ -12,14 +14,15 @@ import os
 import shutil
 import tempfile
 
-# The accelerator check (scripts/gpu_check.sh) runs a selection of the tests on a real
-# device: DEEPDIGITS_TEST_PLATFORM=cuda; DEEPDIGITS_TEST_DEVICES=1 tries that selection
-# on one CPU device.
+# The accelerator check (scripts/gpu_check.sh) runs the tests on a real device:
+# DEEPDIGITS_TEST_PLATFORM=cuda. DEEPDIGITS_TEST_DEVICES=8 runs the whole suite on 8
+# fake CPU devices in one process.
 PLATFORM = os.environ.get('DEEPDIGITS_TEST_PLATFORM', 'cpu')
+DEVICES = int(os.environ.get('DEEPDIGITS_TEST_DEVICES', '1'))
 if PLATFORM == 'cpu':
   os.environ['XLA_FLAGS'] = (
-      os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=' +
-      os.environ.get('DEEPDIGITS_TEST_DEVICES', '8')).strip()
+      os.environ.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count={DEVICES}'
+  ).strip()
 os.environ['JAX_PLATFORMS'] = PLATFORM
 OWN_COMPILATION_CACHE = None  # made by this process (the main pytest one), removed at its end
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
@@ -30,6 +33,9 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 import pathlib  # pylint: disable=g-import-not-at-top
+import subprocess  # pylint: disable=g-import-not-at-top
+import sys  # pylint: disable=g-import-not-at-top
+import xml.etree.ElementTree as ElementTree  # pylint: disable=g-import-not-at-top
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
@@ -176,10 +182,97 @@ SHARED_WORKER = {'test_plots': 'tiny_trained_workdir', 'test_predict': 'tiny_tra
                  'test_seeds': 'tiny_seeds_folder', 'test_ensemble': 'tiny_seeds_folder'}
 
 
+def pytest_configure(config):
+  config.addinivalue_line(
+      'markers', 'devices(n): needs n devices; where this process has fewer, it runs in a '
+      'child pytest on n fake CPU devices')
+
+
 def pytest_collection_modifyitems(items):
-  for item in items:
+  for i, item in enumerate(items):
     module = item.module.__name__.rsplit('.', 1)[-1]
+    marker = item.get_closest_marker('devices')
+    if marker and marker.args[0] > DEVICES:
+      if PLATFORM != 'cpu':
+        item.add_marker(pytest.mark.skip(
+            reason=f'needs {marker.args[0]} devices; {PLATFORM} has them only for real'))
+      else:
+        item = items[i] = InChildProcess.from_parent(
+            item.parent, name=item.name, original=item, devices=marker.args[0])
     item.add_marker(pytest.mark.xdist_group(SHARED_WORKER.get(module, module)))
+
+
+class ChildTestFailed(Exception):
+  """A test that failed in its child pytest; its report is the child's."""
+
+
+class InChildProcess(pytest.Item):
+  """A test that needs more devices than this process has, run with the other such
+  tests of its module in one child pytest on that many fake CPU devices (XLA fixes the
+  device count when it starts). Its outcome, and a failure's report, are the child's."""
+
+  def __init__(self, *, original, devices, **kwargs):
+    super().__init__(**kwargs)
+    self.original = original
+    self.devices = devices
+    self.own_markers = list(original.own_markers)
+    self.keywords.update(original.keywords)
+
+  def reportinfo(self):
+    return self.original.reportinfo()
+
+  def runtest(self):
+    outcomes = child_outcomes(self.session, self.path, self.devices)
+    if self.nodeid not in outcomes:
+      raise ChildTestFailed(f'the child pytest did not run {self.nodeid}:\n'
+                            f'{outcomes.get("", "")}')
+    kind, text = outcomes[self.nodeid]
+    if kind == 'skipped':
+      pytest.skip(text)
+    if kind != 'passed':
+      raise ChildTestFailed(text)
+
+  def repr_failure(self, excinfo):
+    if excinfo.errisinstance(ChildTestFailed):
+      return f'in a child pytest on {self.devices} fake CPU devices:\n{excinfo.value}'
+    return super().repr_failure(excinfo)
+
+
+def child_outcomes(session, path, devices) -> dict:
+  """{nodeid: (passed|failed|skipped|error, text)} of every test of the module at `path`
+  marked for `devices`, run once per pytest process in a child pytest."""
+  cache = session.stash.setdefault(CHILD_OUTCOMES, {})
+  if (path, devices) in cache:
+    return cache[(path, devices)]
+  nodeids = [item.nodeid for item in session.items
+             if isinstance(item, InChildProcess) and item.path == path and
+             item.devices == devices]
+  report = pathlib.Path(tempfile.mkdtemp(prefix='child_pytest_')) / 'report.xml'
+  env = dict(os.environ, DEEPDIGITS_TEST_DEVICES=str(devices))
+  env['XLA_FLAGS'] = env['XLA_FLAGS'].replace(
+      f'--xla_force_host_platform_device_count={DEVICES}', '')
+  result = subprocess.run(
+      [sys.executable, '-m', 'pytest', '-q', '-p', 'no:xdist', '-p', 'no:cacheprovider',
+       '-o', 'addopts=', f'--junitxml={report}', *nodeids],
+      cwd=session.config.rootpath, env=env, capture_output=True, text=True, timeout=900)
+  outcomes = {'': (result.stdout + result.stderr)[-5000:]}
+  if report.exists():
+    for case in ElementTree.parse(report).iter('testcase'):
+      nodeid = case.get('classname', '').replace('.', '/') + '.py::' + case.get('name')
+      kind, text = 'passed', ''
+      for child in case:
+        if child.tag in ('failure', 'error'):  # a failed call, or a failed setup/teardown
+          kind, text = 'failed', (child.get('message') or '') + '\n' + (child.text or '')
+          break
+        if child.tag == 'skipped':
+          kind, text = 'skipped', child.get('message') or ''
+      outcomes[nodeid] = (kind, text)
+  shutil.rmtree(report.parent, ignore_errors=True)
+  cache[(path, devices)] = outcomes
+  return outcomes
+
+
+CHILD_OUTCOMES = pytest.StashKey[dict]()
 
 
 def pytest_sessionfinish(session):

@@ -24,6 +24,7 @@ def assert_trees_equal(a, b):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.devices(8)
 def test_round_trip_restores_equal_trees(tmp_path):
   config = tiny_config('')
   state = _state(config)

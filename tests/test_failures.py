@@ -56,9 +56,8 @@ def main_config(data_dir):
   return tiny_config(data_dir, num_epochs=2)
 
 
-# The tests' eight fake devices, as in this process, so that a run here is bitwise the
-# same as one in main.py.
-EIGHT_DEVICES = dict(os.environ)
+# The devices of this process, so that a run here is bitwise the same as one in main.py.
+SAME_DEVICES = dict(os.environ)
 
 
 def test_sigterm_saves_and_the_resumed_run_ends_with_the_same_params(tiny_mnist_dir,
@@ -67,7 +66,7 @@ def test_sigterm_saves_and_the_resumed_run_ends_with_the_same_params(tiny_mnist_
 
   workdir = tmp_path / 'preempted'
   process = subprocess.Popen(main_command(workdir, tiny_mnist_dir), cwd=REPO,
-                             env=EIGHT_DEVICES, stdout=subprocess.PIPE,
+                             env=SAME_DEVICES, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300
   while not (workdir / 'metrics.jsonl').exists() and time.time() < deadline:
@@ -81,7 +80,7 @@ def test_sigterm_saves_and_the_resumed_run_ends_with_the_same_params(tiny_mnist_
   assert (workdir / 'checkpoints' / str(stopped_at)).is_dir()
 
   resumed = subprocess.run(main_command(workdir, tiny_mnist_dir), cwd=REPO,
-                           env=EIGHT_DEVICES, capture_output=True, text=True, timeout=600)
+                           env=SAME_DEVICES, capture_output=True, text=True, timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-2000:]
   assert f'resuming from the checkpoint at step {stopped_at}' in resumed.stdout
   assert [r['epoch'] for r in metrics(workdir)] == [1, 2]
@@ -240,7 +239,7 @@ def test_bad_data_stops_main_with_one_line(case, tiny_mnist_dir, tmp_path):
   breakage, message = BREAKAGES[case]
   data_dir = _broken_copy(tiny_mnist_dir, tmp_path / 'data', breakage)
   result = subprocess.run(main_command(tmp_path / 'run', data_dir), cwd=REPO,
-                          env=EIGHT_DEVICES, capture_output=True, text=True, timeout=300)
+                          env=SAME_DEVICES, capture_output=True, text=True, timeout=300)
   assert result.returncode == 1
   assert message in result.stderr and 'Traceback' not in result.stderr
   errors = [line for line in result.stderr.splitlines() if line.startswith('deepdigits:')]

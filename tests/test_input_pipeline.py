@@ -28,6 +28,7 @@ def split(mnist):
   return Split(mnist['train'].images[:512], mnist['train'].labels[:512])
 
 
+@pytest.mark.devices(8)
 def test_device_feed_visits_every_example_once_per_epoch(split):
   """The in-jit slicing over an epoch yields each example exactly once, on 8 devices,
   each batch sharded over them."""

@@ -15,8 +15,11 @@ from deepdigits import checkpointing, model_factory, rundir, sharding, train_sta
 from deepdigits.ops import onednn_conv
 
 
-def run_main(*args, devices=8, timeout=600):
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+def run_main(*args, devices=None, timeout=600):
+  """main.py in a subprocess, on this process's devices unless `devices` fake CPU ones."""
+  env = dict(os.environ)
+  if devices:
+    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
   return subprocess.run([sys.executable, str(REPO / 'main.py'), *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout)
 
@@ -93,10 +96,11 @@ IDX_HINT = ('Point --config.data_dir at a folder with the four MNIST IDX files '
      'tensorflow-datasets download and prepare it once.'),
 ])
 def test_bad_input_stops_with_one_clear_error(override, line, tmp_path, tiny_mnist_dir):
-  # An empty TFDS folder: offline, tensorflow-datasets has nothing to read.
+  # An empty TFDS folder: offline, tensorflow-datasets has nothing to read. Eight
+  # devices, for the batch size that does not divide by them.
   result = run_main('--config=configs/mnist_tpu.py', f'--workdir={tmp_path / "run"}',
                     f'--config.data_dir={tiny_mnist_dir}',
-                    f'--config.tfds_data_dir={tmp_path / "tfds"}', override)
+                    f'--config.tfds_data_dir={tmp_path / "tfds"}', override, devices=8)
   assert result.returncode == 1
   assert result.stderr.strip() == f'deepdigits: error: {line}'
   if override != '--config.data_source=tfds':  # its check is reading the TFDS folder

@@ -52,6 +52,7 @@ def test_malformed_grids_are_one_clear_error(specs, message):
   assert '\n' not in str(e.value)
 
 
+@pytest.mark.devices(8)
 def test_every_point_is_checked_before_anything_runs(tmp_path, monkeypatch):
   calls = []
   monkeypatch.setattr(train, 'train_and_evaluate', lambda *a: calls.append(a))

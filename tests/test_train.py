@@ -48,10 +48,12 @@ def _bn1_input(params, images) -> np.ndarray:
   return np.maximum(np.asarray(out) + np.asarray(params['conv1']['bias']), 0).reshape(-1, 32)
 
 
+@pytest.mark.devices(8)
 def test_eight_fake_devices_are_present():
   assert jax.device_count() == 8
 
 
+@pytest.mark.devices(8)
 @pytest.mark.parametrize('bn_group_size', [0, 8])
 def test_one_and_eight_devices_give_the_same_loss_gradients_and_batch_stats(
     model_and_state, batch, bn_group_size):
@@ -90,7 +92,7 @@ def test_one_and_eight_devices_give_the_same_loss_gradients_and_batch_stats(
 
 def test_train_steps_on_a_fixed_batch_drive_the_loss_down(batch):
   config = tiny_config('')
-  mesh = mesh_of(8)
+  mesh = sharding.make_mesh()
   model = model_factory.make_model(config)
   state = train_state.create_train_state(config, model, mesh)
   feed = input_pipeline.HostFeed(mesh, Split(*batch), config.batch_size)
@@ -116,6 +118,7 @@ def test_an_epochs_metrics_are_its_means():
       'train_loss': 1.5, 'train_l2_penalty': 0.75, 'train_accuracy': 0.75}
 
 
+@pytest.mark.devices(8)
 def test_evaluation_counts_every_example_once_on_any_device_count(model_and_state, mnist):
   model, state = model_and_state
   split = Split(mnist['test'].images[:300], mnist['test'].labels[:300])
@@ -137,11 +140,13 @@ def test_evaluation_counts_every_example_once_on_any_device_count(model_and_stat
     np.testing.assert_allclose(result['loss'], expected_loss, rtol=1e-5)
 
 
+@pytest.mark.devices(8)
 def test_eval_batch_size_must_divide_by_devices(model_and_state):
   with pytest.raises(ConfigError, match='eval_batch_size=100 does not divide by the 8'):
     Evaluator(model_and_state[0], mesh_of(8), 100)
 
 
+@pytest.mark.devices(8)
 def test_bn_recalibration_is_the_exact_average_over_batches(model_and_state, mnist):
   model, state = model_and_state
   split = Split(mnist['train'].images[:256], mnist['train'].labels[:256])
@@ -208,6 +213,7 @@ def test_bad_config_values_fail_with_clear_errors():
       config_checks.check_values(tiny_config('', **{field: value}))
 
 
+@pytest.mark.devices(8)
 def test_onednn_convs_are_refused_where_they_cannot_run_and_auto_avoids_them():
   with pytest.raises(ConfigError, match="conv_impl='onednn' computes in float32, not "
                                         'bfloat16'):
@@ -247,6 +253,7 @@ def test_auto_picks_onednn_convs_on_one_cpu_device_for_float32():
   assert result.stdout.split() == ['1', 'onednn', 'shifted_matmul']
 
 
+@pytest.mark.devices(8)
 def test_batch_size_must_divide_by_the_device_count(tiny_mnist_dir, tmp_path):
   with pytest.raises(ConfigError, match='batch_size=100 does not divide by the 8 devices'):
     train.train_and_evaluate(tiny_config(tiny_mnist_dir, batch_size=100), str(tmp_path))
