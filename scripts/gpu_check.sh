@@ -34,11 +34,11 @@ fi
 nvidia-smi > "$out/machine.txt" 2>&1
 python -c 'import jax, flax, optax; print(jax.__version__, flax.__version__, optax.__version__, jax.devices())' >> "$out/machine.txt" 2>&1
 
-# 1. Tests on the GPU (the ones that need 8 devices are left out).
-step 150 tests.log env DEEPDIGITS_TEST_PLATFORM=$platform DEEPDIGITS_TEST_DEVICES=1 python -m pytest -q -p no:xdist \
+# 1. Tests on the GPU (those marked devices(8) skip there; the oneDNN ones are CPU-only).
+step 150 tests.log env DEEPDIGITS_TEST_PLATFORM=$platform python -m pytest -q -p no:xdist \
   -o addopts="-m 'not slow'" tests/test_model.py tests/test_checkpointing.py \
   tests/test_evaluate.py tests/test_dispatch.py tests/test_train.py \
-  -k 'not eight and not device_count and not divide_by_devices and not fixed_batch and not bn_recalibration_is_the_exact and not onednn'
+  -k 'not onednn'
 
 bench() {  # dtype batch steps-a-dispatch
   step 60 benchmark.log env JAX_PLATFORMS=$platform python -m deepdigits.tools.benchmark --config=configs/mnist_tpu.py \

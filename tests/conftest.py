@@ -19,6 +19,7 @@ import tempfile
 # fake CPU devices in one process.
 PLATFORM = os.environ.get('DEEPDIGITS_TEST_PLATFORM', 'cpu')
 DEVICES = int(os.environ.get('DEEPDIGITS_TEST_DEVICES', '1'))
+GIVEN_XLA_FLAGS = os.environ.get('XLA_FLAGS', '')  # what a child pytest starts from
 if PLATFORM == 'cpu':
   os.environ['XLA_FLAGS'] = (
       os.environ.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count={DEVICES}'
@@ -195,7 +196,7 @@ def pytest_collection_modifyitems(items):
     if marker and marker.args[0] > DEVICES:
       if PLATFORM != 'cpu':
         item.add_marker(pytest.mark.skip(
-            reason=f'needs {marker.args[0]} devices; {PLATFORM} has them only for real'))
+            reason=f'needs {marker.args[0]} devices; fake ones exist on the CPU only'))
       else:
         item = items[i] = InChildProcess.from_parent(
             item.parent, name=item.name, original=item, devices=marker.args[0])
@@ -239,8 +240,8 @@ class InChildProcess(pytest.Item):
 
 
 def child_outcomes(session, path, devices) -> dict:
-  """{nodeid: (passed|failed|skipped|error, text)} of every test of the module at `path`
-  marked for `devices`, run once per pytest process in a child pytest."""
+  """{nodeid: (passed|failed|skipped, text)} of every test of the module at `path` marked
+  for `devices`, run once per pytest process in a child pytest; '' holds its output."""
   cache = session.stash.setdefault(CHILD_OUTCOMES, {})
   if (path, devices) in cache:
     return cache[(path, devices)]
@@ -248,9 +249,7 @@ def child_outcomes(session, path, devices) -> dict:
              if isinstance(item, InChildProcess) and item.path == path and
              item.devices == devices]
   report = pathlib.Path(tempfile.mkdtemp(prefix='child_pytest_')) / 'report.xml'
-  env = dict(os.environ, DEEPDIGITS_TEST_DEVICES=str(devices))
-  env['XLA_FLAGS'] = env['XLA_FLAGS'].replace(
-      f'--xla_force_host_platform_device_count={DEVICES}', '')
+  env = dict(os.environ, DEEPDIGITS_TEST_DEVICES=str(devices), XLA_FLAGS=GIVEN_XLA_FLAGS)
   result = subprocess.run(
       [sys.executable, '-m', 'pytest', '-q', '-p', 'no:xdist', '-p', 'no:cacheprovider',
        '-o', 'addopts=', f'--junitxml={report}', *nodeids],
