@@ -10,6 +10,7 @@ A compilation cache shared by the tests, their pytest-xdist workers and the runs
 start in subprocesses saves compiling the same tiny-config steps over and over.
 """
 
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -172,15 +173,27 @@ def tiny_seeds_folder(tmp_path_factory, tiny_mnist_dir) -> dict:
   return {'root': root, 'config': config, 'rows': rows, 'summary': summary}
 
 
-# Tests that share one costly fixture run on the same pytest-xdist worker
-# (`--dist loadgroup` in pyproject.toml), so it is built once: each module's own
-# module-scoped fixtures, and the session ones above for the modules that read them.
+# pytest-xdist hands each worker whole units of work: one test module, or the modules
+# that read one costly session fixture (so that it is built once, on that worker).
+# pytest-xdist's own grouping (`--dist loadgroup`, the xdist_group mark) changes node
+# ids, which pytest 9 no longer reads, so the units are made here
+# (`ModuleGroupScheduling`, chosen by `--dist loadscope`).
 SHARED_WORKER = {'test_plots': 'tiny_trained_workdir', 'test_predict': 'tiny_trained_workdir',
                  'test_inference': 'tiny_trained_workdir', 'test_export': 'tiny_trained_workdir',
                  'test_dispatch': 'tiny_trained_workdir',
                  'test_evaluate': 'tiny_validated_workdir',
                  'test_reporting': 'tiny_validated_workdir',
                  'test_seeds': 'tiny_seeds_folder', 'test_ensemble': 'tiny_seeds_folder'}
+# The units that take longest, longest first (measured: docs/testing.md), handed out
+# before the others, so that no worker is left with a long one while the other idles.
+LONGEST_UNITS = ('test_study', 'tiny_trained_workdir', 'test_train', 'test_failures',
+                 'test_main', 'test_multihost', 'test_gcs', 'tiny_seeds_folder')
+
+
+def work_unit(nodeid: str) -> str:
+  """The unit of work of a test: its module's, or its shared fixture's."""
+  module = nodeid.split('::', 1)[0].rsplit('/', 1)[-1].removesuffix('.py')
+  return SHARED_WORKER.get(module, module)
 
 
 def pytest_configure(config):
@@ -189,18 +202,41 @@ def pytest_configure(config):
       'child pytest on n fake CPU devices')
 
 
+@pytest.hookimpl(optionalhook=True)  # a child pytest runs without pytest-xdist
+def pytest_xdist_make_scheduler(config, log):
+  if config.getvalue('dist') == 'loadscope':
+    return ModuleGroupScheduling(config, log)
+  return None
+
+
+def unit_rank(nodeid: str) -> int:
+  unit = work_unit(nodeid)
+  return LONGEST_UNITS.index(unit) if unit in LONGEST_UNITS else len(LONGEST_UNITS)
+
+
 def pytest_collection_modifyitems(items):
+  # The longest units first (`--no-loadscope-reorder` keeps this order); a stable sort,
+  # so each module's tests keep theirs.
+  items.sort(key=lambda item: unit_rank(item.nodeid))
   for i, item in enumerate(items):
-    module = item.module.__name__.rsplit('.', 1)[-1]
     marker = item.get_closest_marker('devices')
     if marker and marker.args[0] > DEVICES:
       if PLATFORM != 'cpu':
         item.add_marker(pytest.mark.skip(
             reason=f'needs {marker.args[0]} devices; fake ones exist on the CPU only'))
       else:
-        item = items[i] = InChildProcess.from_parent(
+        items[i] = InChildProcess.from_parent(
             item.parent, name=item.name, original=item, devices=marker.args[0])
-    item.add_marker(pytest.mark.xdist_group(SHARED_WORKER.get(module, module)))
+
+
+if importlib.util.find_spec('xdist'):
+  from xdist.scheduler import LoadScopeScheduling  # pylint: disable=g-import-not-at-top
+
+  class ModuleGroupScheduling(LoadScopeScheduling):
+    """pytest-xdist's scheduling by scope, with `work_unit` as the scope."""
+
+    def _split_scope(self, nodeid: str) -> str:
+      return work_unit(nodeid)
 
 
 class ChildTestFailed(Exception):
