@@ -25,27 +25,31 @@ from deepdigits.tools import search, study, sweep
 optuna = pytest.importorskip('optuna')
 
 ONE_DEVICE = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
-GRID = ['--grid', 'seed=0,1,2,3']
+SEEDS = ['seed=0', 'seed=1', 'seed=2', 'seed=3']  # the shared grid's points
 # What a record holds that a resumed run must reproduce exactly (not its timings).
 COMPUTED = ('epoch', 'step', 'train_loss', 'train_accuracy', 'validation_loss',
             'validation_accuracy', 'validation_accuracy_recalibrated', 'test_loss',
             'test_accuracy', 'test_accuracy_recalibrated')
 
 
-def config_flags(data_dir: str) -> list[str]:
-  """validated_config(data_dir, num_epochs=2, learning_rate=3e-3) as overrides."""
+def config_flags(data_dir: str, num_epochs: int = 1,
+                 checkpoint_every_steps: int = 1) -> list[str]:
+  """validated_config(data_dir, learning_rate=3e-3, ...) as overrides: 4 steps an epoch
+  (one compiled step, whatever the epochs and checkpoints)."""
   return [f'--config.data_dir={data_dir}', '--config.batch_size=64',
-          '--config.eval_batch_size=64', '--config.num_epochs=2',
+          '--config.eval_batch_size=64', f'--config.num_epochs={num_epochs}',
           '--config.train_subset=256', '--config.validation_size=128',
           '--config.bn_recalibration_batches=2', '--config.learning_rate=3e-3',
           '--config.model_summary=False', '--config.progress=False',
-          '--config.checkpoint_every_steps=2']
+          f'--config.checkpoint_every_steps={checkpoint_every_steps}']
 
 
-def sweep_worker(data_dir: str, root, **popen) -> subprocess.Popen:
+def sweep_worker(data_dir: str, root, points=SEEDS, **popen) -> subprocess.Popen:
+  """A worker of the study of the grid `points` (one epoch each, a checkpoint a step)."""
   return subprocess.Popen(
       [sys.executable, '-m', 'deepdigits.tools.sweep', '--config=configs/default.py',
-       f'--workdir={root / "sweep"}', *config_flags(data_dir), *GRID,
+       f'--workdir={root / "sweep"}', *config_flags(data_dir),
+       '--grid', 'seed=' + ','.join(p.split('=')[1] for p in points),
        f'--storage=sqlite:///{root / "study.db"}', '--heartbeat_seconds=1'],
       cwd=REPO, env=ONE_DEVICE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
       text=True, **popen)
@@ -74,24 +78,29 @@ def load(root):
 
 @pytest.fixture(scope='module')
 def shared_grid(tiny_mnist_dir, tmp_path_factory):
-  """Two workers started together on one SQLite study of a 4-point grid."""
+  """Two workers on one SQLite study of a 4-point grid, the second started once the
+  first has trained a step (so that the step compiles once, and the second loads it
+  from the compilation cache while the first trains)."""
   root = tmp_path_factory.mktemp('shared_grid')
   first = sweep_worker(tiny_mnist_dir, root)
+  deadline = time.time() + 300
+  while not list((root / 'sweep').glob('seed=*/checkpoints/1')):
+    assert first.poll() is None and time.time() < deadline, first.communicate()[0][-3000:]
+    time.sleep(0.05)
   second = sweep_worker(tiny_mnist_dir, root)
   return root, finish(first), finish(second)
 
 
 def test_two_workers_share_a_grid_and_train_each_point_exactly_once(shared_grid):
   root, first, second = shared_grid
-  names = [f'seed={s}' for s in range(4)]
-  assert sorted(trained_points(first) + trained_points(second)) == names
+  assert sorted(trained_points(first) + trained_points(second)) == SEEDS
   assert trained_points(first) and trained_points(second)  # both took points
   trials = load(root).get_trials()
   assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 4
-  assert sorted(t.user_attrs['workdir'] for t in trials) == names
+  assert sorted(t.user_attrs['workdir'] for t in trials) == SEEDS
   for trial in trials:  # each trial's value is its run's final validation accuracy
     record = computed_records(root / 'sweep' / trial.user_attrs['workdir'])[-1]
-    assert record['epoch'] == 2
+    assert (record['epoch'], record['step']) == (1, 4)
     assert trial.value == record['validation_accuracy_recalibrated']
   rows = (root / 'sweep' / 'results.csv').read_text().splitlines()
   assert len(rows) == 5 and all(',done,' in row for row in rows[1:])
@@ -99,26 +108,29 @@ def test_two_workers_share_a_grid_and_train_each_point_exactly_once(shared_grid)
 
 def test_a_killed_workers_point_is_resumed_by_a_restarted_worker_with_the_same_metrics(
     shared_grid, tiny_mnist_dir, tmp_path):
+  """A study of two of the shared grid's points: the first worker is killed once its
+  first point has saved step 1 of 4; a worker started after it trains both points."""
   reference, _, _ = shared_grid
-  killed = sweep_worker(tiny_mnist_dir, tmp_path)
+  points = SEEDS[:2]
+  killed = sweep_worker(tiny_mnist_dir, tmp_path, points)
   deadline = time.time() + 300
-  while not list((tmp_path / 'sweep').glob('seed=*/checkpoints/2')):
+  while not list((tmp_path / 'sweep').glob('seed=*/checkpoints/1')):
     assert killed.poll() is None and time.time() < deadline
     time.sleep(0.05)
   killed.send_signal(signal.SIGKILL)
   out, _ = killed.communicate(timeout=60)
   [point] = trained_points(out)
-  assert not (tmp_path / 'sweep' / point / 'checkpoints' / '8').exists()  # mid-point
+  assert not (tmp_path / 'sweep' / point / 'checkpoints' / '4').exists()  # mid-point
 
-  out = finish(sweep_worker(tiny_mnist_dir, tmp_path))
-  assert sorted(trained_points(out)) == [f'seed={s}' for s in range(4)]
+  out = finish(sweep_worker(tiny_mnist_dir, tmp_path, points))
+  assert sorted(trained_points(out)) == points
   resumed = out.split(f'{point}: training in')[1].split(': training in')[0]
   assert 'resuming from the checkpoint at step' in resumed
-  for name in (f'seed={s}' for s in range(4)):
+  for name in points:
     assert (computed_records(tmp_path / 'sweep' / name) ==
             computed_records(reference / 'sweep' / name)), name
   states = [t.state for t in load(tmp_path).get_trials()]
-  assert states.count(optuna.trial.TrialState.COMPLETE) == 4
+  assert states.count(optuna.trial.TrialState.COMPLETE) == 2
   assert states.count(optuna.trial.TrialState.FAIL) == 1  # the stale one, queued again
 
 
@@ -130,8 +142,9 @@ def test_a_search_with_the_median_pruner_prunes_the_clearly_worse_trials(
   del shared_grid  # its compiled step, shared through the compilation cache
   result = subprocess.run(
       [sys.executable, '-m', 'deepdigits.tools.search', '--config=configs/default.py',
-       f'--workdir={tmp_path}', *[f for f in config_flags(tiny_mnist_dir)
-                                  if 'learning_rate' not in f],
+       f'--workdir={tmp_path}',
+       *[f for f in config_flags(tiny_mnist_dir, num_epochs=2, checkpoint_every_steps=0)
+         if 'learning_rate' not in f],
        '--space', 'learning_rate=choice:3e-3,1e-6', '--trials=4', '--sampler=random',
        '--sampler_seed=0', '--pruner=median', '--startup_trials=1'],
       cwd=REPO, env=ONE_DEVICE, capture_output=True, text=True, timeout=600)
