@@ -85,7 +85,9 @@ def shared_grid(tiny_mnist_dir, tmp_path_factory):
   first = sweep_worker(tiny_mnist_dir, root)
   deadline = time.time() + 300
   while not list((root / 'sweep').glob('seed=*/checkpoints/1')):
-    assert first.poll() is None and time.time() < deadline, first.communicate()[0][-3000:]
+    if first.poll() is not None or time.time() > deadline:
+      first.kill()
+      pytest.fail(f'the first worker trained no step:\n{first.communicate()[0][-3000:]}')
     time.sleep(0.05)
   second = sweep_worker(tiny_mnist_dir, root)
   return root, finish(first), finish(second)
