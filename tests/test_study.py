@@ -25,7 +25,7 @@ from deepdigits.tools import search, study, sweep
 optuna = pytest.importorskip('optuna')
 
 ONE_DEVICE = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
-SEEDS = ['seed=0', 'seed=1', 'seed=2', 'seed=3']  # the shared grid's points
+SEEDS = (0, 1, 2, 3)  # the shared grid's points
 # What a record holds that a resumed run must reproduce exactly (not its timings).
 COMPUTED = ('epoch', 'step', 'train_loss', 'train_accuracy', 'validation_loss',
             'validation_accuracy', 'validation_accuracy_recalibrated', 'test_loss',
@@ -44,15 +44,31 @@ def config_flags(data_dir: str, num_epochs: int = 1,
           f'--config.checkpoint_every_steps={checkpoint_every_steps}']
 
 
-def sweep_worker(data_dir: str, root, points=SEEDS, **popen) -> subprocess.Popen:
-  """A worker of the study of the grid `points` (one epoch each, a checkpoint a step)."""
+def point_names(seeds) -> list[str]:
+  return [f'seed={s}' for s in seeds]
+
+
+def sweep_worker(data_dir: str, root, seeds=SEEDS, **popen) -> subprocess.Popen:
+  """A worker of the study of the grid over `seeds` (one epoch a point, a checkpoint a
+  step)."""
   return subprocess.Popen(
       [sys.executable, '-m', 'deepdigits.tools.sweep', '--config=configs/default.py',
        f'--workdir={root / "sweep"}', *config_flags(data_dir),
-       '--grid', 'seed=' + ','.join(p.split('=')[1] for p in points),
+       '--grid', 'seed=' + ','.join(map(str, seeds)),
        f'--storage=sqlite:///{root / "study.db"}', '--heartbeat_seconds=1'],
       cwd=REPO, env=ONE_DEVICE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
       text=True, **popen)
+
+
+def wait_for_a_trained_step(worker: subprocess.Popen, root) -> None:
+  """Until a point of the study in `root` has saved its first step; fails, with the
+  worker's output, if the worker ends or 300 s pass first."""
+  deadline = time.time() + 300
+  while not list((root / 'sweep').glob('seed=*/checkpoints/1')):
+    if worker.poll() is not None or time.time() > deadline:
+      worker.kill()
+      pytest.fail(f'the worker trained no step:\n{worker.communicate()[0][-3000:]}')
+    time.sleep(0.05)
 
 
 def finish(worker: subprocess.Popen) -> str:
@@ -83,23 +99,18 @@ def shared_grid(tiny_mnist_dir, tmp_path_factory):
   from the compilation cache while the first trains)."""
   root = tmp_path_factory.mktemp('shared_grid')
   first = sweep_worker(tiny_mnist_dir, root)
-  deadline = time.time() + 300
-  while not list((root / 'sweep').glob('seed=*/checkpoints/1')):
-    if first.poll() is not None or time.time() > deadline:
-      first.kill()
-      pytest.fail(f'the first worker trained no step:\n{first.communicate()[0][-3000:]}')
-    time.sleep(0.05)
+  wait_for_a_trained_step(first, root)
   second = sweep_worker(tiny_mnist_dir, root)
   return root, finish(first), finish(second)
 
 
 def test_two_workers_share_a_grid_and_train_each_point_exactly_once(shared_grid):
   root, first, second = shared_grid
-  assert sorted(trained_points(first) + trained_points(second)) == SEEDS
+  assert sorted(trained_points(first) + trained_points(second)) == point_names(SEEDS)
   assert trained_points(first) and trained_points(second)  # both took points
   trials = load(root).get_trials()
   assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 4
-  assert sorted(t.user_attrs['workdir'] for t in trials) == SEEDS
+  assert sorted(t.user_attrs['workdir'] for t in trials) == point_names(SEEDS)
   for trial in trials:  # each trial's value is its run's final validation accuracy
     record = computed_records(root / 'sweep' / trial.user_attrs['workdir'])[-1]
     assert (record['epoch'], record['step']) == (1, 4)
@@ -113,18 +124,15 @@ def test_a_killed_workers_point_is_resumed_by_a_restarted_worker_with_the_same_m
   """A study of two of the shared grid's points: the first worker is killed once its
   first point has saved step 1 of 4; a worker started after it trains both points."""
   reference, _, _ = shared_grid
-  points = SEEDS[:2]
-  killed = sweep_worker(tiny_mnist_dir, tmp_path, points)
-  deadline = time.time() + 300
-  while not list((tmp_path / 'sweep').glob('seed=*/checkpoints/1')):
-    assert killed.poll() is None and time.time() < deadline
-    time.sleep(0.05)
+  killed = sweep_worker(tiny_mnist_dir, tmp_path, SEEDS[:2])
+  wait_for_a_trained_step(killed, tmp_path)
   killed.send_signal(signal.SIGKILL)
   out, _ = killed.communicate(timeout=60)
   [point] = trained_points(out)
   assert not (tmp_path / 'sweep' / point / 'checkpoints' / '4').exists()  # mid-point
 
-  out = finish(sweep_worker(tiny_mnist_dir, tmp_path, points))
+  out = finish(sweep_worker(tiny_mnist_dir, tmp_path, SEEDS[:2]))
+  points = point_names(SEEDS[:2])
   assert sorted(trained_points(out)) == points
   resumed = out.split(f'{point}: training in')[1].split(': training in')[0]
   assert 'resuming from the checkpoint at step' in resumed
