@@ -91,6 +91,28 @@ def loaded_config():
   return config
 
 
+def exit_interrupted() -> None:
+  """Ctrl-C outside the training loop (e.g. while compiling): nothing to save; leave at
+  once, before the interpreter's teardown races XLA's threads."""
+  print('deepdigits: interrupted.', file=sys.stderr, flush=True)
+  sys.stdout.flush()
+  os._exit(130)
+
+
+def exit_on_swallowed_interrupt(previous_hook):
+  """A sys.unraisablehook. Python raises a Ctrl-C's KeyboardInterrupt in whatever runs
+  next; if that is a finaliser or a gc callback (JAX has one), the exception is only
+  printed and the run would go on as if no key had been pressed. This hook exits as the
+  caught KeyboardInterrupt does."""
+
+  def hook(unraisable):
+    if issubclass(unraisable.exc_type, KeyboardInterrupt):
+      exit_interrupted()
+    previous_hook(unraisable)
+
+  return hook
+
+
 def run_command(body: Callable[..., Any], takes_args: bool = False) -> None:
   """absl's app.run around a command's `body()` (or `body(args)` if it takes positional
   arguments), with what every command shares: other arguments refused, Orbax's
@@ -106,17 +128,14 @@ def run_command(body: Callable[..., Any], takes_args: bool = False) -> None:
       logging.set_verbosity(logging.WARNING)
       storage.quiet_cloud_logging()
     host_memory.keep_freed_memory()  # before JAX starts its threads
+    sys.unraisablehook = exit_on_swallowed_interrupt(sys.unraisablehook)
     # Imported here so that flag and config errors come before jax's start-up time.
     from deepdigits.errors import DeepDigitsError  # pylint: disable=g-import-not-at-top
     from deepdigits.preemption import Preempted  # pylint: disable=g-import-not-at-top
     try:
       status = body(args) if takes_args else body()
     except KeyboardInterrupt:
-      # Ctrl-C outside the training loop (e.g. while compiling): nothing to save; leave
-      # at once, before the interpreter's teardown races XLA's threads.
-      print('deepdigits: interrupted.', file=sys.stderr, flush=True)
-      sys.stdout.flush()
-      os._exit(130)
+      exit_interrupted()
     except Preempted as e:
       print(f'deepdigits: {e}', file=sys.stderr)
       sys.exit(e.exit_code)

@@ -185,6 +185,32 @@ def test_an_image_over_the_decompression_bomb_limit_is_one_error(tmp_path, monke
     predict.read_gray(str(tmp_path / 'big.png'))
 
 
+SWALLOWED_CTRL_C = """
+from deepdigits import cli
+
+class Finaliser:
+  def __del__(self):
+    raise KeyboardInterrupt  # as a Ctrl-C landing in a finaliser or gc callback does
+
+def body():
+  Finaliser()  # collected at once: Python only reports its exception
+  print('went on')
+
+cli.run_command(body)
+"""
+
+
+def test_a_ctrl_c_that_lands_in_a_finaliser_still_exits_130():
+  """Python raises a Ctrl-C's KeyboardInterrupt in whatever runs next; when that is a
+  finaliser (JAX's gc callback, while compiling), the exception is not propagated, and
+  the run must still stop."""
+  result = subprocess.run([sys.executable, '-c', SWALLOWED_CTRL_C], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 130, result.stderr[-2000:]
+  assert 'went on' not in result.stdout
+  assert result.stderr.strip().splitlines() == ['deepdigits: interrupted.']
+
+
 def test_ctrl_c_while_compiling_exits_130_with_one_line(tiny_mnist_dir, tmp_path):
   env = dict(os.environ, PYTHONUNBUFFERED='1', JAX_ENABLE_COMPILATION_CACHE='false',
              XLA_FLAGS='--xla_force_host_platform_device_count=1')
