@@ -17,8 +17,6 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 def onednn_problem(dtype: str) -> Optional[str]:
   """Why oneDNN's convolutions cannot run in this process with this dtype, or None."""
-  if dtype != 'float32':
-    return f"computes in float32, not {dtype}: use conv_impl='auto' or 'shifted_matmul'"
   if jax.default_backend() != 'cpu':
     return f"runs on the CPU only, not {jax.default_backend()}: use conv_impl='auto' or 'native'"
   if jax.local_device_count() > 1:
@@ -27,6 +25,9 @@ def onednn_problem(dtype: str) -> Optional[str]:
             "'shifted_matmul'")
   if not onednn_conv.is_available():
     return f"is not available: {onednn_conv.unavailable_reason()}. Or use conv_impl='auto'"
+  if dtype == 'bfloat16' and (problem := onednn_conv.bf16_problem()):
+    return (f"computes bfloat16 only where the CPU has bf16 instructions, and {problem}: "
+            "use dtype='float32', or conv_impl='auto'")
   return None
 
 

@@ -2,6 +2,7 @@
 
 import functools
 import os
+import re
 import subprocess
 import sys
 
@@ -215,9 +216,6 @@ def test_bad_config_values_fail_with_clear_errors():
 
 @pytest.mark.devices(8)
 def test_onednn_convs_are_refused_where_they_cannot_run_and_auto_avoids_them():
-  with pytest.raises(ConfigError, match="conv_impl='onednn' computes in float32, not "
-                                        'bfloat16'):
-    config_checks.check_values(tiny_config('', conv_impl='onednn', dtype='bfloat16'))
   # The tests' 8 CPU devices in one process: oneDNN would deadlock there.
   with pytest.raises(ConfigError, match="conv_impl='onednn' needs one CPU device per "
                                         'process, not 8'):
@@ -237,20 +235,41 @@ def test_without_the_built_onednn_convs_auto_falls_back_and_onednn_says_why(monk
     config_checks.check_values(tiny_config('', conv_impl='onednn'))
 
 
-def test_auto_picks_onednn_convs_on_one_cpu_device_for_float32():
+def test_bf16_onednn_convs_are_refused_on_a_cpu_without_bf16_instructions(monkeypatch):
+  monkeypatch.setattr(jax, 'local_device_count', lambda: 1)
+  monkeypatch.setattr(model_factory.onednn_conv, 'is_available', lambda: True)
+  monkeypatch.setattr(model_factory.onednn_conv, 'bf16_problem', lambda: (
+      'this CPU has no AVX512-BF16 or AMX instructions (oneDNN: fwd brgconv:avx512_core)'))
+  with pytest.raises(ConfigError, match=re.escape(
+      "--config.conv_impl='onednn' computes bfloat16 only where the CPU has bf16 "
+      'instructions, and this CPU has no AVX512-BF16 or AMX instructions (oneDNN: fwd '
+      "brgconv:avx512_core): use dtype='float32', or conv_impl='auto'.")):
+    config_checks.check_values(tiny_config('', conv_impl='onednn', dtype='bfloat16'))
+  config_checks.check_values(tiny_config('', conv_impl='onednn'))  # float32 runs
+  # 'auto' trains bfloat16 on the shifted-view matmuls there, float32 on oneDNN.
+  assert model_factory.make_model(tiny_config('', dtype='bfloat16')).conv_impl == (
+      'shifted_matmul')
+  assert model_factory.make_model(tiny_config('')).conv_impl == 'onednn'
+
+
+def test_auto_picks_onednn_convs_on_one_cpu_device():
   """On the machine as it is (one CPU device), `auto` picks the built oneDNN kernels
-  (test_main.py's end-to-end run trains with them to 95%)."""
+  (test_main.py's end-to-end run trains with them to 95%), in bfloat16 too where the
+  CPU has bf16 instructions."""
   require_onednn()
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   script = ('import jax; from configs import default; from deepdigits import model_factory; '
+            'from deepdigits.ops import onednn_conv; '
             'fp32 = default.get_config(); bf16 = default.get_config(); '
             "bf16.dtype = 'bfloat16'; "
             'print(jax.local_device_count(), model_factory.make_model(fp32).conv_impl, '
-            'model_factory.make_model(bf16).conv_impl)')
+            'model_factory.make_model(bf16).conv_impl, onednn_conv.bf16_problem() is None)')
   result = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
-  assert result.stdout.split() == ['1', 'onednn', 'shifted_matmul']
+  count, fp32, bf16, bf16_runs = result.stdout.split()
+  assert (count, fp32) == ('1', 'onednn')
+  assert bf16 == ('onednn' if bf16_runs == 'True' else 'shifted_matmul'), result.stdout
 
 
 @pytest.mark.devices(8)

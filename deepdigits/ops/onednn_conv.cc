@@ -1,7 +1,9 @@
-// 3x3 VALID, stride-1 convolutions through oneDNN (NHWC activations, HWIO kernels, float32)
-// as XLA FFI handlers for the CPU: forward, input gradient and kernel gradient. Built by
-// setup.py, loaded and registered by deepdigits/onednn_conv.py; XLA:CPU has no oneDNN
-// convolution of its own, and oneDNN's direct convolutions need no im2col copies.
+// 3x3 VALID, stride-1 convolutions through oneDNN (NHWC activations, HWIO kernels) as XLA
+// FFI handlers for the CPU: forward (with the bias added), input gradient, and kernel and
+// bias gradients (in one pass), in float32, and in bfloat16 with float32 accumulation,
+// float32 kernels and biases in and float32 kernel and bias gradients out.
+// Built by setup.py, loaded and registered by deepdigits/ops/onednn_conv.py; XLA:CPU has no
+// oneDNN convolution of its own, and oneDNN's direct convolutions need no im2col copies.
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -24,14 +26,18 @@ dnnl::engine& Engine() {
   return engine;
 }
 
+// A layer's shapes and its activations' data type (f32 or bf16); kernels and kernel
+// gradients are f32 in memory either way.
 struct Shapes {
   int64_t n, h, w, c, o;
+  dt act = dt::f32;
   bool operator<(const Shapes& b) const {
-    return std::tie(n, h, w, c, o) < std::tie(b.n, b.h, b.w, b.c, b.o);
+    return std::tie(n, h, w, c, o, act) < std::tie(b.n, b.h, b.w, b.c, b.o, b.act);
   }
-  memory::desc src(tag t = tag::nhwc) const { return memory::desc({n, c, h, w}, dt::f32, t); }
-  memory::desc dst(tag t = tag::nhwc) const { return memory::desc({n, o, h - 2, w - 2}, dt::f32, t); }
-  memory::desc wei(tag t) const { return memory::desc({o, c, 3, 3}, dt::f32, t); }
+  memory::desc src() const { return memory::desc({n, c, h, w}, act, tag::nhwc); }
+  memory::desc dst() const { return memory::desc({n, o, h - 2, w - 2}, act, tag::nhwc); }
+  memory::desc wei(tag t, dt type) const { return memory::desc({o, c, 3, 3}, type, t); }
+  memory::desc bias() const { return memory::desc({o}, dt::f32, tag::a); }
 };
 
 // The three primitives for one layer's shapes; created once (creation JIT-compiles them).
@@ -55,41 +61,49 @@ Prims& GetPrims(const Shapes& s) {
   auto p = std::make_unique<Prims>();
   p->fwd_pd = dnnl::convolution_forward::primitive_desc(
       eng, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-      s.src(), s.wei(tag::any), s.dst(), strides, pad, pad);
+      s.src(), s.wei(tag::any, s.act), s.bias(), s.dst(), strides, pad, pad);
   p->fwd = dnnl::convolution_forward(p->fwd_pd);
   p->bwd_data_pd = dnnl::convolution_backward_data::primitive_desc(
-      eng, dnnl::algorithm::convolution_direct, s.src(), s.wei(tag::any), s.dst(), strides,
-      pad, pad, p->fwd_pd);
+      eng, dnnl::algorithm::convolution_direct, s.src(), s.wei(tag::any, s.act), s.dst(),
+      strides, pad, pad, p->fwd_pd);
   p->bwd_data = dnnl::convolution_backward_data(p->bwd_data_pd);
+  // Kernel and bias gradients accumulate and stay in f32, whatever the activations' type.
   p->bwd_weights_pd = dnnl::convolution_backward_weights::primitive_desc(
-      eng, dnnl::algorithm::convolution_direct, s.src(), s.wei(tag::any), s.dst(), strides,
-      pad, pad, p->fwd_pd);
+      eng, dnnl::algorithm::convolution_direct, s.src(), s.wei(tag::any, dt::f32), s.bias(),
+      s.dst(), strides, pad, pad, p->fwd_pd);
   p->bwd_weights = dnnl::convolution_backward_weights(p->bwd_weights_pd);
   auto& ref = *p;
   cache[s] = std::move(p);
   return ref;
 }
 
-// A kernel in HWIO, reordered into the layout the primitive asks for (or used as is).
+// An f32 kernel in HWIO, reordered into the layout and type the primitive asks for (or
+// used as is).
 memory KernelIn(const Shapes& s, float* hwio, const memory::desc& desc, dnnl::stream& st) {
-  memory user(s.wei(tag::hwio), Engine(), hwio);
+  memory user(s.wei(tag::hwio, dt::f32), Engine(), hwio);
   if (desc == user.get_desc()) return user;
   memory wanted(desc, Engine());
   dnnl::reorder(user, wanted).execute(st, user, wanted);
   return wanted;
 }
 
-ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
-                   ffi::ResultBuffer<ffi::F32> y) {
+template <ffi::DataType T>
+constexpr dt Act() { return T == ffi::DataType::BF16 ? dt::bf16 : dt::f32; }
+
+template <ffi::DataType T>
+ffi::Error Forward(ffi::Buffer<T> x, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> b,
+                   ffi::ResultBuffer<T> y) {
   try {
     auto d = x.dimensions(); auto kd = k.dimensions();
-    Shapes s{d[0], d[1], d[2], d[3], kd[3]};
+    Shapes s{d[0], d[1], d[2], d[3], kd[3], Act<T>()};
     auto& p = GetPrims(s);
     dnnl::stream st(Engine());
-    memory src(s.src(), Engine(), x.typed_data());
-    memory dst(s.dst(), Engine(), y->typed_data());
+    memory src(s.src(), Engine(), x.untyped_data());
+    memory dst(s.dst(), Engine(), y->untyped_data());
     memory wei = KernelIn(s, k.typed_data(), p.fwd_pd.weights_desc(), st);
-    p.fwd.execute(st, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}});
+    memory bias(s.bias(), Engine(), b.typed_data());
+    p.fwd.execute(st, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_BIAS, bias},
+                       {DNNL_ARG_DST, dst}});
     st.wait();
   } catch (const dnnl::error& e) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + e.what());
@@ -97,15 +111,15 @@ ffi::Error Forward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
   return ffi::Error::Success();
 }
 
-ffi::Error InputGrad(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> k,
-                     ffi::ResultBuffer<ffi::F32> dx) {
+template <ffi::DataType T>
+ffi::Error InputGrad(ffi::Buffer<T> dy, ffi::Buffer<ffi::F32> k, ffi::ResultBuffer<T> dx) {
   try {
     auto d = dx->dimensions(); auto kd = k.dimensions();
-    Shapes s{d[0], d[1], d[2], d[3], kd[3]};
+    Shapes s{d[0], d[1], d[2], d[3], kd[3], Act<T>()};
     auto& p = GetPrims(s);
     dnnl::stream st(Engine());
-    memory diff_dst(s.dst(), Engine(), dy.typed_data());
-    memory diff_src(s.src(), Engine(), dx->typed_data());
+    memory diff_dst(s.dst(), Engine(), dy.untyped_data());
+    memory diff_src(s.src(), Engine(), dx->untyped_data());
     memory wei = KernelIn(s, k.typed_data(), p.bwd_data_pd.weights_desc(), st);
     p.bwd_data.execute(st, {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, wei},
                             {DNNL_ARG_DIFF_SRC, diff_src}});
@@ -116,26 +130,25 @@ ffi::Error InputGrad(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> k,
   return ffi::Error::Success();
 }
 
-ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                      ffi::ResultBuffer<ffi::F32> dk) {
+template <ffi::DataType T>
+ffi::Error KernelGrad(ffi::Buffer<T> x, ffi::Buffer<T> dy, ffi::ResultBuffer<ffi::F32> dk,
+                      ffi::ResultBuffer<ffi::F32> db) {
   try {
     auto d = x.dimensions(); auto kd = dk->dimensions();
-    Shapes s{d[0], d[1], d[2], d[3], kd[3]};
+    Shapes s{d[0], d[1], d[2], d[3], kd[3], Act<T>()};
     auto& p = GetPrims(s);
     dnnl::stream st(Engine());
-    memory src(s.src(), Engine(), x.typed_data());
-    memory diff_dst(s.dst(), Engine(), dy.typed_data());
-    memory user(s.wei(tag::hwio), Engine(), dk->typed_data());
+    memory src(s.src(), Engine(), x.untyped_data());
+    memory diff_dst(s.dst(), Engine(), dy.untyped_data());
+    memory user(s.wei(tag::hwio, dt::f32), Engine(), dk->typed_data());
+    memory diff_bias(s.bias(), Engine(), db->typed_data());
     auto desc = p.bwd_weights_pd.diff_weights_desc();
-    if (desc == user.get_desc()) {
-      p.bwd_weights.execute(st, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst},
-                                 {DNNL_ARG_DIFF_WEIGHTS, user}});
-    } else {
-      memory tmp(desc, Engine());
-      p.bwd_weights.execute(st, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst},
-                                 {DNNL_ARG_DIFF_WEIGHTS, tmp}});
-      dnnl::reorder(tmp, user).execute(st, tmp, user);
-    }
+    bool direct = desc == user.get_desc();
+    memory diff_weights = direct ? user : memory(desc, Engine());
+    p.bwd_weights.execute(st, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst},
+                               {DNNL_ARG_DIFF_WEIGHTS, diff_weights},
+                               {DNNL_ARG_DIFF_BIAS, diff_bias}});
+    if (!direct) dnnl::reorder(diff_weights, user).execute(st, diff_weights, user);
     st.wait();
   } catch (const dnnl::error& e) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + e.what());
@@ -145,21 +158,33 @@ ffi::Error KernelGrad(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DeepdigitsConvForward, Forward,
-                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DeepdigitsConvInputGrad, InputGrad,
-                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(DeepdigitsConvKernelGrad, KernelGrad,
-                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+#define DEEPDIGITS_HANDLERS(SUFFIX, T)                                                    \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(DeepdigitsConvForward##SUFFIX, Forward<T>,                  \
+                                ffi::Ffi::Bind().Arg<ffi::Buffer<T>>()                      \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                           \
+                                    .Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<T>>());   \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(DeepdigitsConvInputGrad##SUFFIX, InputGrad<T>,              \
+                                ffi::Ffi::Bind().Arg<ffi::Buffer<T>>()                      \
+                                    .Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<T>>());   \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(DeepdigitsConvKernelGrad##SUFFIX, KernelGrad<T>,            \
+                                ffi::Ffi::Bind().Arg<ffi::Buffer<T>>()                      \
+                                    .Arg<ffi::Buffer<T>>().Ret<ffi::Buffer<ffi::F32>>()     \
+                                    .Ret<ffi::Buffer<ffi::F32>>());
 
-// Which oneDNN implementations run for these shapes (for the benchmark's report).
-extern "C" const char* DeepdigitsConvImpls(int n, int h, int w, int c, int o) {
+DEEPDIGITS_HANDLERS(F32, ffi::DataType::F32)
+DEEPDIGITS_HANDLERS(BF16, ffi::DataType::BF16)
+
+// Which oneDNN implementations run for these shapes and activation type (bf16: true for
+// bfloat16), for the benchmark's report and the bf16 check; "unsupported: ..." where
+// oneDNN has no implementation for them on this CPU.
+extern "C" const char* DeepdigitsConvImpls(int n, int h, int w, int c, int o, bool bf16) {
   static std::string out;
-  auto& p = GetPrims(Shapes{n, h, w, c, o});
-  out = std::string("fwd ") + p.fwd_pd.impl_info_str() + ", bwd_data " +
-        p.bwd_data_pd.impl_info_str() + ", bwd_weights " + p.bwd_weights_pd.impl_info_str();
+  try {
+    auto& p = GetPrims(Shapes{n, h, w, c, o, bf16 ? dt::bf16 : dt::f32});
+    out = std::string("fwd ") + p.fwd_pd.impl_info_str() + ", bwd_data " +
+          p.bwd_data_pd.impl_info_str() + ", bwd_weights " + p.bwd_weights_pd.impl_info_str();
+  } catch (const dnnl::error& e) {
+    out = std::string("unsupported: ") + e.what();
+  }
   return out.c_str();
 }

@@ -4,9 +4,15 @@ XLA's CPU backend has no oneDNN convolution of its own: its native convolution i
 to differentiate, and the shifted-view matmuls copy nine views of every input. oneDNN's
 direct convolutions (the ones Keras/TensorFlow and PyTorch run on this CPU) need no
 copies. `deepdigits/ops/onednn_conv.cc`, built by `pip install` (setup.py), wraps the
-forward, input-gradient and kernel-gradient primitives as XLA FFI handlers; this module
-loads it, registers the handlers, and ties them together with a custom VJP. CPU and
-float32 only; on TPU/GPU the native convolution is the one to use.
+forward (bias added), input-gradient and kernel-and-bias-gradient primitives as XLA FFI
+handlers; this module
+loads it, registers the handlers, and ties them together with a custom VJP. CPU only; on
+TPU/GPU the native convolution is the one to use.
+
+Activations are float32, or bfloat16 where the CPU has bf16 instructions (AVX512-BF16 or
+AMX: `bf16_problem`); kernels and biases are float32 in both cases, and in bfloat16 oneDNN
+rounds the kernel to bfloat16 itself, accumulates in float32, adds the bias before rounding
+the output, and returns the kernel and bias gradients in float32.
 """
 
 import ctypes
@@ -20,6 +26,10 @@ import jax
 import jax.numpy as jnp
 
 _TARGETS = ('Forward', 'InputGrad', 'KernelGrad')
+_SUFFIXES = {jnp.dtype(jnp.float32): 'F32', jnp.dtype(jnp.bfloat16): 'BF16'}
+# A layer of the network (conv3's shapes at batch 128) whose kernels say which instructions
+# oneDNN's bf16 convolutions use here.
+_PROBE_LAYER = (128, 12, 12, 64, 128)
 
 
 def installed_file(distribution: str, suffix: str) -> Optional[str]:
@@ -53,10 +63,13 @@ def _load() -> tuple[Optional[ctypes.CDLL], str]:
   except OSError as e:
     return None, f'cannot load oneDNN: {e}'
   for name in _TARGETS:
-    jax.ffi.register_ffi_target(f'deepdigits_conv_{name}',
-                                jax.ffi.pycapsule(getattr(handlers, f'DeepdigitsConv{name}')),
-                                platform='cpu')
+    for suffix in _SUFFIXES.values():
+      jax.ffi.register_ffi_target(
+          f'deepdigits_conv_{name}_{suffix}',
+          jax.ffi.pycapsule(getattr(handlers, f'DeepdigitsConv{name}{suffix}')),
+          platform='cpu')
   handlers.DeepdigitsConvImpls.restype = ctypes.c_char_p
+  handlers.DeepdigitsConvImpls.argtypes = [ctypes.c_int] * 5 + [ctypes.c_bool]
   return handlers, ''
 
 
@@ -69,37 +82,66 @@ def unavailable_reason() -> str:
 
 
 def implementations(batch: int, height: int, width: int, in_features: int,
-                    out_features: int) -> str:
-  """Which oneDNN kernels run a layer of these shapes, e.g. 'fwd brgconv:avx512_core, ...'."""
+                    out_features: int, dtype='float32') -> str:
+  """Which oneDNN kernels run a layer of these shapes with activations of `dtype`, e.g.
+  'fwd brg_conv_fwd:avx512_core_bf16, ...', or 'unsupported: ...'."""
   handlers = _load()[0]
   if handlers is None:
     raise RuntimeError(unavailable_reason())
-  return handlers.DeepdigitsConvImpls(batch, height, width, in_features,
-                                      out_features).decode()
+  return handlers.DeepdigitsConvImpls(batch, height, width, in_features, out_features,
+                                      jnp.dtype(dtype) == jnp.bfloat16).decode()
 
 
-def _call(target: str, shape, *operands) -> jax.Array:
+@functools.cache
+def bf16_problem() -> Optional[str]:
+  """Why bfloat16 convolutions cannot run at full speed on this CPU, or None: oneDNN
+  emulates bf16 (or has no kernel) without AVX512-BF16 or AMX instructions."""
+  if not is_available():
+    return unavailable_reason()
+  kernels = implementations(*_PROBE_LAYER, dtype='bfloat16')
+  if kernels.startswith('unsupported') or not all(
+      'bf16' in part or 'amx' in part for part in kernels.split(', ')):
+    return f'this CPU has no AVX512-BF16 or AMX instructions (oneDNN: {kernels})'
+  return None
+
+
+def _call(target: str, results, *operands):
   if not is_available():
     raise RuntimeError(f"conv_impl='onednn' is not available: {unavailable_reason()}")
-  return jax.ffi.ffi_call(f'deepdigits_conv_{target}',
-                          jax.ShapeDtypeStruct(shape, jnp.float32))(*operands)
+  suffix = _SUFFIXES[jnp.dtype(operands[0].dtype)]
+  return jax.ffi.ffi_call(f'deepdigits_conv_{target}_{suffix}', results)(*operands)
+
+
+def conv3x3(x: jax.Array, kernel: jax.Array,
+            bias: Optional[jax.Array] = None) -> jax.Array:
+  """The same function as `lax.conv_general_dilated` (3x3 VALID, stride 1, NHWC images,
+  HWIO kernel) plus `bias`, computed by oneDNN in the dtype of `x` (float32 or bfloat16),
+  from the kernel and bias in float32."""
+  if jnp.dtype(x.dtype) not in _SUFFIXES:
+    raise ValueError(f"conv_impl='onednn' computes in float32 or bfloat16, not {x.dtype}")
+  if bias is None:
+    bias = jnp.zeros(kernel.shape[-1], jnp.float32)
+  return _conv3x3(x, kernel.astype(jnp.float32), bias.astype(jnp.float32))
 
 
 @jax.custom_vjp
-def conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """The same function as `lax.conv_general_dilated` (3x3 VALID, stride 1, NHWC images,
-  HWIO kernel, float32), computed by oneDNN."""
+def _conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
   n, h, w, _ = x.shape
-  return _call('Forward', (n, h - 2, w - 2, kernel.shape[-1]), x, kernel)
+  return _call('Forward', jax.ShapeDtypeStruct((n, h - 2, w - 2, kernel.shape[-1]), x.dtype),
+               x, kernel, bias)
 
 
-def _conv3x3_fwd(x, kernel):
-  return conv3x3(x, kernel), (x, kernel)
+def _conv3x3_fwd(x, kernel, bias):
+  return _conv3x3(x, kernel, bias), (x, kernel)
 
 
 def _conv3x3_bwd(residuals, g):
   x, kernel = residuals
-  return _call('InputGrad', x.shape, g, kernel), _call('KernelGrad', kernel.shape, x, g)
+  kernel_grad, bias_grad = _call(
+      'KernelGrad', (jax.ShapeDtypeStruct(kernel.shape, jnp.float32),
+                     jax.ShapeDtypeStruct(kernel.shape[-1:], jnp.float32)), x, g)
+  return (_call('InputGrad', jax.ShapeDtypeStruct(x.shape, x.dtype), g, kernel),
+          kernel_grad, bias_grad)
 
 
-conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+_conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)

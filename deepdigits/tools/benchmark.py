@@ -23,6 +23,8 @@ from deepdigits import config_checks, input_pipeline, model_factory, sharding, t
 from deepdigits.cli import loaded_config, run_command
 from deepdigits.data import IMAGE_SHAPE, Split, read_idx_split
 from deepdigits.evaluate import Evaluator
+from deepdigits.ops import onednn_conv
+from deepdigits.tools.conv_benchmark import conv_layers
 
 FLAGS = flags.FLAGS
 
@@ -146,11 +148,18 @@ def run_benchmark(config, steps: int, windows: int, eval_batches: int,
       'eval_images_per_second': statistics.median(eval_rate),
       'peak_host_memory_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
   }
+  if model.conv_impl == 'onednn':  # which of oneDNN's kernels (and instructions) ran
+    result['onednn_kernels'] = {
+        layer.name: onednn_conv.implementations(*layer.input_shape, layer.features,
+                                                dtype=config.dtype)
+        for layer in conv_layers(config)}
   r = result
   print(f"deepdigits benchmark: {r['devices']} x {r['device_kind']}, dtype {r['dtype']}, "
         f"conv {r['conv_impl']}, pool {r['pool_impl']} (eval conv {r['eval_conv_impl']}), "
         f"train batch {r['batch_size']}, "
         f"eval batch {r['eval_batch_size']}")
+  for name, kernels in r.get('onednn_kernels', {}).items():
+    print(f'oneDNN kernels of {name}: {kernels}')
   print(f"train step: {r['train_images_per_second']:.0f} img/s (median of {windows} windows "
         f"of {steps} steps; min {min(train_rate):.0f}, max {max(train_rate):.0f}), "
         f"{r['train_ms_per_step']:.1f} ms/step, compile {compile_seconds:.1f} s")
