@@ -35,12 +35,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.width_normalization = 0
 
   # Model.
-  # Activation and matmul dtype: 'float32' or 'bfloat16' (parameters stay float32).
+  # Activation and matmul dtype: 'float32' or 'bfloat16' (parameters, optimizer state
+  # and BatchNorm statistics stay float32; bfloat16 matmuls accumulate in float32).
   config.dtype = 'float32'
   # Convolution algorithm: 'native' (lax.conv), 'shifted_matmul' (one GEMM over the
   # nine shifted views, faster on CPU), 'onednn' (oneDNN's convolutions through XLA FFI:
-  # CPU, float32, one device per process), or 'auto': in the train step on CPU onednn
-  # where it runs, else shifted_matmul; native for evaluation and on TPU/GPU.
+  # CPU, one device per process; bfloat16 only with AVX512-BF16 or AMX), or 'auto': in
+  # the train step on CPU onednn where it runs, else shifted_matmul; native for
+  # evaluation and on TPU/GPU.
   config.conv_impl = 'auto'
   # Max-pool algorithm: 'native' (nn.max_pool), 'strided_views' (elementwise over four
   # strided views, same gradients, faster on CPU), or 'auto' (strided_views on CPU).

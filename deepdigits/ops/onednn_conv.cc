@@ -28,6 +28,14 @@ dnnl::engine& Engine() {
 
 // A layer's shapes and its activations' data type (f32 or bf16); kernels and kernel
 // gradients are f32 in memory either way.
+// XLA:CPU runs independent thunks at once (a layer's input and kernel gradients), but each
+// oneDNN call already spreads over every core with its own OpenMP team: two at once would
+// fight for the cores, so the calls take turns.
+std::mutex& ExecutionMutex() {
+  static std::mutex mu;
+  return mu;
+}
+
 struct Shapes {
   int64_t n, h, w, c, o;
   dt act = dt::f32;
@@ -97,6 +105,7 @@ ffi::Error Forward(ffi::Buffer<T> x, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F
     auto d = x.dimensions(); auto kd = k.dimensions();
     Shapes s{d[0], d[1], d[2], d[3], kd[3], Act<T>()};
     auto& p = GetPrims(s);
+    std::lock_guard<std::mutex> one_at_a_time(ExecutionMutex());
     dnnl::stream st(Engine());
     memory src(s.src(), Engine(), x.untyped_data());
     memory dst(s.dst(), Engine(), y->untyped_data());
@@ -117,6 +126,7 @@ ffi::Error InputGrad(ffi::Buffer<T> dy, ffi::Buffer<ffi::F32> k, ffi::ResultBuff
     auto d = dx->dimensions(); auto kd = k.dimensions();
     Shapes s{d[0], d[1], d[2], d[3], kd[3], Act<T>()};
     auto& p = GetPrims(s);
+    std::lock_guard<std::mutex> one_at_a_time(ExecutionMutex());
     dnnl::stream st(Engine());
     memory diff_dst(s.dst(), Engine(), dy.untyped_data());
     memory diff_src(s.src(), Engine(), dx->untyped_data());
@@ -137,6 +147,7 @@ ffi::Error KernelGrad(ffi::Buffer<T> x, ffi::Buffer<T> dy, ffi::ResultBuffer<ffi
     auto d = x.dimensions(); auto kd = dk->dimensions();
     Shapes s{d[0], d[1], d[2], d[3], kd[3], Act<T>()};
     auto& p = GetPrims(s);
+    std::lock_guard<std::mutex> one_at_a_time(ExecutionMutex());
     dnnl::stream st(Engine());
     memory src(s.src(), Engine(), x.untyped_data());
     memory diff_dst(s.dst(), Engine(), dy.untyped_data());
