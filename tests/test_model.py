@@ -360,9 +360,12 @@ def test_kernels_start_glorot_uniform_and_biases_at_zero(variables):
     np.testing.assert_array_equal(params[f'bn{i}']['bias'], 0)
 
 
-def test_a_bfloat16_train_step_keeps_weights_optimizer_state_and_statistics_float32():
+@pytest.mark.parametrize('conv_impl', ['native', 'onednn'])
+def test_a_bfloat16_train_step_keeps_weights_optimizer_state_and_statistics_float32(conv_impl):
+  if conv_impl == 'onednn':
+    require_onednn()
   config = tiny_config('', dtype='bfloat16', ema_decay=0.999)
-  model = DeepDigitsCNN(dtype=jnp.bfloat16, conv_impl='onednn', pool_impl='strided_views')
+  model = DeepDigitsCNN(dtype=jnp.bfloat16, conv_impl=conv_impl, pool_impl='strided_views')
   state = train_state.create_train_state(config, model, sharding.make_mesh())
   step = functools.partial(trainer.train_step, model, trainer.StepOptions.from_config(config))
   new_state, _ = jax.eval_shape(step, state, jnp.zeros((64, 28, 28, 1), jnp.uint8),
