@@ -5,9 +5,8 @@ to differentiate, and the shifted-view matmuls copy nine views of every input. o
 direct convolutions (the ones Keras/TensorFlow and PyTorch run on this CPU) need no
 copies. `deepdigits/ops/onednn_conv.cc`, built by `pip install` (setup.py), wraps the
 forward (bias added), input-gradient and kernel-and-bias-gradient primitives as XLA FFI
-handlers; this module
-loads it, registers the handlers, and ties them together with a custom VJP. CPU only; on
-TPU/GPU the native convolution is the one to use.
+handlers; this module loads it, registers the handlers, and ties them together with a
+custom VJP. CPU only; on TPU/GPU the native convolution is the one to use.
 
 Activations are float32, or bfloat16 where the CPU has bf16 instructions (AVX512-BF16 or
 AMX: `bf16_problem`); kernels and biases are float32 in both cases, and in bfloat16 oneDNN
@@ -112,15 +111,12 @@ def _call(target: str, results, *operands):
   return jax.ffi.ffi_call(f'deepdigits_conv_{target}_{suffix}', results)(*operands)
 
 
-def conv3x3(x: jax.Array, kernel: jax.Array,
-            bias: Optional[jax.Array] = None) -> jax.Array:
+def conv3x3(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
   """The same function as `lax.conv_general_dilated` (3x3 VALID, stride 1, NHWC images,
   HWIO kernel) plus `bias`, computed by oneDNN in the dtype of `x` (float32 or bfloat16),
   from the kernel and bias in float32."""
   if jnp.dtype(x.dtype) not in _SUFFIXES:
     raise ValueError(f"conv_impl='onednn' computes in float32 or bfloat16, not {x.dtype}")
-  if bias is None:
-    bias = jnp.zeros(kernel.shape[-1], jnp.float32)
   return _conv3x3(x, kernel.astype(jnp.float32), bias.astype(jnp.float32))
 
 
