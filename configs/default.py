@@ -65,6 +65,12 @@ def get_config() -> ml_collections.ConfigDict:
   # random displacement field smoothed by a Gaussian of `sigma` pixels, times `alpha`.
   config.augment_elastic_alpha = 0.0
   config.augment_elastic_sigma = 4.0
+  # The share of images distorted elastically (each drawn on its own); the rest get the
+  # affine map alone.
+  config.augment_elastic_probability = 1.0
+  # The last N epochs train on the images as they are, every augmentation off (0 = none):
+  # the weights and BatchNorm statistics end fitted to undistorted digits.
+  config.augment_clean_epochs = 0
   # Cross-entropy against labels smoothed by this much (0 = one-hot, the original).
   config.label_smoothing = 0.0
 

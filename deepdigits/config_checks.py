@@ -36,7 +36,8 @@ def check_values(config: ml_collections.ConfigDict) -> None:
   non_negative = ('validation_size', 'train_subset',
                   'bn_recalibration_batches', 'l2_weight', 'checkpoint_every_steps',
                   'warmup_epochs', 'augment_max_shift', 'augment_max_rotation',
-                  'augment_elastic_alpha', 'bn_group_size', 'profile_steps')
+                  'augment_elastic_alpha', 'bn_group_size', 'profile_steps',
+                  'augment_clean_epochs')
   for name in positive:
     if not config[name] > 0:
       raise ConfigError(f'--config.{name}={config[name]} must be > 0.')
@@ -52,6 +53,13 @@ def check_values(config: ml_collections.ConfigDict) -> None:
   if config.augment_elastic_alpha and not config.augment_elastic_sigma > 0:
     raise ConfigError(f'--config.augment_elastic_sigma={config.augment_elastic_sigma} '
                       'must be > 0 when augment_elastic_alpha is set.')
+  if not 0 < config.augment_elastic_probability <= 1:
+    raise ConfigError(f'--config.augment_elastic_probability='
+                      f'{config.augment_elastic_probability} must be in (0, 1].')
+  if config.augment_clean_epochs >= config.num_epochs:
+    raise ConfigError(f'--config.augment_clean_epochs={config.augment_clean_epochs} leaves '
+                      f'no augmented epoch of num_epochs={config.num_epochs}: use fewer, or '
+                      'turn the augmentation off.')
   if not 0 <= config.width_normalization <= IMAGE_SHAPE[1]:
     raise ConfigError(f'--config.width_normalization={config.width_normalization} must '
                       f'be 0 (off) or a width in pixels, 1..{IMAGE_SHAPE[1]}.')

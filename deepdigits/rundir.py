@@ -91,7 +91,8 @@ def recorded_config(config: ml_collections.ConfigDict) -> dict:
 # a run recorded without it, so that commands on older workdirs keep working.
 LATER_FIELDS = {'width_normalization': 0, 'bn_group_size': 0, 'download': True,
                 'data_mirrors': mnist_download.DEFAULT_MIRRORS, 'profile_steps': 0,
-                'steps_per_dispatch': 1}
+                'steps_per_dispatch': 1, 'augment_elastic_probability': 1.0,
+                'augment_clean_epochs': 0}
 
 
 # Config fields renamed since runs were first recorded: the old name to the new one.
@@ -180,7 +181,8 @@ def has_trained(workdir: str) -> bool:
 def num_epochs_problem(workdir: str, recorded: dict, config) -> Optional[str]:
   """Why `config.num_epochs` cannot continue the run recorded in workdir, or None: fewer
   epochs than it has trained, or another length of a cosine schedule (whose curve
-  num_epochs sets). More epochs of a constant learning rate extend the run."""
+  num_epochs sets) or of a run whose last epochs are unaugmented. More epochs of a
+  constant learning rate extend the run."""
   done, was, now = trained_epochs(workdir), recorded.get('num_epochs'), config.num_epochs
   if now < done:
     return (f'{workdir} has already trained {done} epochs, more than '
@@ -191,6 +193,10 @@ def num_epochs_problem(workdir: str, recorded: dict, config) -> Optional[str]:
             f'learning-rate schedule that {workdir} was trained on ({was} epochs), so the '
             'run could not go on along the same curve: keep num_epochs, or use a new '
             '--workdir')
+  if now != was and config.augment_clean_epochs:
+    return (f'--config.num_epochs={now} would move the last {config.augment_clean_epochs} '
+            f'unaugmented epochs (augment_clean_epochs) of the run in {workdir} ({was} '
+            'epochs): keep num_epochs, or use a new --workdir')
   return None
 
 

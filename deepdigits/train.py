@@ -52,15 +52,25 @@ class StepOptions(NamedTuple):
   ema_decay: float = 0.0
   elastic_alpha: float = 0.0
   elastic_sigma: float = 4.0
+  elastic_probability: float = 1.0
+  clean_from_step: int = -1  # the first step that trains on unaugmented images, or -1
 
   @classmethod
-  def from_config(cls, config) -> 'StepOptions':
+  def from_config(cls, config, steps_per_epoch: int = 0) -> 'StepOptions':
+    """The config's options; `steps_per_epoch` places config.augment_clean_epochs."""
+    clean_from_step = -1
+    if config.augment_clean_epochs:
+      if not steps_per_epoch:
+        raise ValueError('augment_clean_epochs needs steps_per_epoch')
+      clean_from_step = (config.num_epochs - config.augment_clean_epochs) * steps_per_epoch
     return cls(l2_weight=config.l2_weight, label_smoothing=config.label_smoothing,
                max_shift=config.augment_max_shift,
                max_rotation=config.augment_max_rotation,
                max_zoom=config.augment_max_zoom, ema_decay=config.ema_decay,
                elastic_alpha=config.augment_elastic_alpha,
-               elastic_sigma=config.augment_elastic_sigma)
+               elastic_sigma=config.augment_elastic_sigma,
+               elastic_probability=config.augment_elastic_probability,
+               clean_from_step=clean_from_step)
 
 
 # ---------------------------------------------------------------- the step
@@ -88,6 +98,20 @@ def ema_update(average, new, decay: float, step):
   return jax.tree.map(lambda a, n: rate * a + (1 - rate) * n, average, new)
 
 
+def augmented_inputs(options: StepOptions, rng: jax.Array, images, step) -> jax.Array:
+  """The step's [0, 1] images augmented as `options` say, or as they are from
+  `options.clean_from_step` on (pure)."""
+  augment_fn = functools.partial(
+      augment.augment_batch, max_shift=options.max_shift,
+      max_rotation=options.max_rotation, max_zoom=options.max_zoom,
+      elastic_alpha=options.elastic_alpha, elastic_sigma=options.elastic_sigma,
+      elastic_probability=options.elastic_probability)
+  if options.clean_from_step < 0:
+    return augment_fn(rng, images)
+  return jax.lax.cond(step < options.clean_from_step, augment_fn,
+                      lambda _, unchanged: unchanged, rng, images)
+
+
 def train_step(model: nn.Module, options: StepOptions, state: TrainState, images, labels):
   """One Adam step on a global batch of uint8 images; returns the new state and the
   batch's sums of loss and correct predictions (pure).
@@ -100,9 +124,7 @@ def train_step(model: nn.Module, options: StepOptions, state: TrainState, images
   """
   dropout_rng = jax.random.fold_in(state.rng, state.step)
   augment_rng = jax.random.fold_in(jax.random.fold_in(state.rng, AUGMENT_STREAM), state.step)
-  inputs = augment.augment_batch(augment_rng, scale_images(images), options.max_shift,
-                                 options.max_rotation, options.max_zoom,
-                                 options.elastic_alpha, options.elastic_sigma)
+  inputs = augmented_inputs(options, augment_rng, scale_images(images), state.step)
   grad_fn = jax.grad(functools.partial(loss_fn, model, options.l2_weight,
                                        options.label_smoothing), has_aux=True)
   grads, (cross_entropy, l2, logits, batch_stats) = grad_fn(
@@ -165,7 +187,7 @@ def compile_train_step(config, model, mesh, state: TrainState, feed):
   the state's buffers donated; called as step_fn(state, *data_args) with the args of
   `epoch_dispatches`. With config.steps_per_dispatch > 1 (the device feed), one call
   runs the number of steps its last argument says."""
-  options = StepOptions.from_config(config)
+  options = StepOptions.from_config(config, feed.steps_per_epoch)
   specs = feed.arg_specs()
   if feed.kind == 'device' and config.steps_per_dispatch > 1:
     fn = functools.partial(train_steps_from_order, model, options, config.batch_size,

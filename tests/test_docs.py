@@ -82,7 +82,8 @@ def test_a_documented_command_parses_as_shown(where, lines):
   for line in lines:
     assert not re.search(r'\\\s+\S', line), f'{where}: a backslash inside a line: {line}'
   argv = shlex.split(' '.join(line.rstrip().removesuffix('\\') for line in lines))
-  argv = argv[next(i for i, a in enumerate(argv) if a == 'python') + 1:]
+  assert argv.count('python') == 1, f'{where}: the next command continues this one'
+  argv = argv[argv.index('python') + 1:]
   if argv[0] == '-m':
     entry_point = REPO / (argv[1].replace('.', '/') + '.py')
     argv = argv[2:]

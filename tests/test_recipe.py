@@ -1,10 +1,14 @@
 """The improved recipe's parts: augmentation, the schedule, label smoothing, the moving
 average of the weights."""
 
+import functools
+
+import dm_pix
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.ndimage
 
 from conftest import tiny_config
 from deepdigits import (
@@ -79,6 +83,77 @@ def test_elastic_distortion_keeps_the_affine_maps_of_runs_without_it(images):
   np.testing.assert_allclose(with_tiny_warp[:, 1:-1, 1:-1], affine_only[:, 1:-1, 1:-1],
                              atol=1e-3)
   assert float(jnp.abs(affine_only - images).mean()) > 0.01
+
+
+def test_the_affine_map_and_the_elastic_distortion_are_one_resampling(images):
+  """Each output pixel p reads the input at A(p + d(p)) (A the image's affine pull map,
+  d its displacement field), bilinearly, once: scipy's map_coordinates at those points
+  in float64 is the reference. Resampling twice (affine, then elastic) blurs the digit
+  twice and is far from it."""
+  key, batch = jax.random.PRNGKey(5), images.shape[0]
+  moved = augment.augment_batch(key, images, 2.0, 10.0, 0.1, elastic_alpha=34.0,
+                                elastic_sigma=5.0)
+  matrices = jax.vmap(augment.random_affine, in_axes=(0, None, None, None, None))(
+      jax.random.split(key, batch), 2.0, 10.0, 0.1, 28)
+  elastic_keys = jax.random.split(jax.random.fold_in(key, augment.ELASTIC_STREAM), batch)
+  fields = jax.vmap(augment.displacement_field, in_axes=(0, None, None, None))(
+      elastic_keys, (28, 28), 34.0, 5.0)
+  rows, cols = np.mgrid[:28, :28].astype(np.float64)
+  expected = np.empty((batch, 28, 28))
+  for i in range(batch):
+    matrix, field = np.asarray(matrices[i], np.float64), np.asarray(fields[i, ..., 0], np.float64)
+    y, x = rows + field[0], cols + field[1]
+    source = [matrix[0, 0] * y + matrix[0, 1] * x + matrix[0, 3],
+              matrix[1, 0] * y + matrix[1, 1] * x + matrix[1, 3]]
+    expected[i] = scipy.ndimage.map_coordinates(np.asarray(images[i, ..., 0], np.float64),
+                                                source, order=1, mode='grid-constant')
+  np.testing.assert_allclose(moved[..., 0], expected, atol=1e-4)
+  twice = jax.vmap(lambda k, image: dm_pix.elastic_deformation(
+      k, image, 34.0, 5.0, order=1, mode='constant', cval=0.0))(
+          elastic_keys, augment.augment_batch(key, images, 2.0, 10.0, 0.1))
+  assert float(np.abs(np.asarray(twice[..., 0]) - expected).max()) > 0.1
+  # Alone, the distortion is dm-pix's own (the same field from the same key).
+  np.testing.assert_array_equal(
+      augment.augment_batch(key, images, elastic_alpha=34.0, elastic_sigma=5.0),
+      jax.vmap(lambda k, image: dm_pix.elastic_deformation(
+          k, image, 34.0, 5.0, order=1, mode='constant', cval=0.0))(elastic_keys, images))
+
+
+def test_elastic_probability_distorts_that_share_of_the_images(mnist):
+  """With probability 0.5, about half of 256 images are distorted (within 4 standard
+  deviations of 128); the others get their affine map alone."""
+  images = scale_images(jnp.asarray(mnist['test'].images[:256]))
+  key = jax.random.PRNGKey(7)
+  affine_only = augment.augment_batch(key, images, 2.0, 10.0, 0.1)
+  undistorted = lambda moved: np.asarray(
+      jnp.abs(moved - affine_only).max(axis=(1, 2, 3)) < 1e-4)
+  half = augment.augment_batch(key, images, 2.0, 10.0, 0.1, elastic_alpha=34.0,
+                               elastic_sigma=5.0, elastic_probability=0.5)
+  assert 96 <= int(undistorted(half).sum()) <= 160, int(undistorted(half).sum())
+  every = augment.augment_batch(key, images, 2.0, 10.0, 0.1, elastic_alpha=34.0,
+                                elastic_sigma=5.0)
+  assert not undistorted(every).any()
+  # The images chosen are distorted as they are with probability 1.
+  chosen = ~undistorted(half)
+  np.testing.assert_allclose(half[chosen], every[chosen], atol=1e-6)
+
+
+def test_the_last_clean_epochs_train_on_the_images_as_they_are(images):
+  config = tiny_config('', augment_max_shift=2.0, augment_elastic_alpha=34.0,
+                       num_epochs=12, augment_clean_epochs=2)
+  options = train.StepOptions.from_config(config, steps_per_epoch=10)
+  assert options.clean_from_step == 100  # the first step of epoch 11
+  inputs = jax.jit(functools.partial(train.augmented_inputs, options))
+  key = jax.random.PRNGKey(0)
+  assert float(jnp.abs(inputs(key, images, 99) - images).max()) > 0.1
+  for step in (100, 119):
+    np.testing.assert_array_equal(inputs(key, images, step), images)
+  # Without clean epochs every step is augmented, with the same moves.
+  always = train.StepOptions.from_config(tiny_config('', augment_max_shift=2.0,
+                                                     augment_elastic_alpha=34.0))
+  assert always.clean_from_step == -1
+  np.testing.assert_allclose(train.augmented_inputs(always, key, images, 100),
+                             inputs(key, images, 99), atol=1e-5)
 
 
 def _blob_images(count: int, row: int, col: int) -> jax.Array:
@@ -202,7 +277,9 @@ def test_recipe_fields_are_checked():
                     {'lr_schedule': 'linear'}, {'augment_max_shift': -1.0},
                     {'augment_elastic_alpha': -1.0},
                     {'augment_elastic_alpha': 34.0, 'augment_elastic_sigma': 0.0},
-                    {'warmup_epochs': 5.0}):
+                    {'warmup_epochs': 5.0}, {'augment_elastic_probability': 0.0},
+                    {'augment_elastic_probability': 1.5}, {'augment_clean_epochs': -1},
+                    {'augment_clean_epochs': 1}):  # tiny_config trains 1 epoch
     with pytest.raises(ConfigError):
       config_checks.check_values(tiny_config('', **overrides))
 

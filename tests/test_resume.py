@@ -101,6 +101,20 @@ def test_another_length_of_a_cosine_schedule_is_refused(tmp_path):
                                    tiny_config('', num_epochs=20)) is None
 
 
+def test_another_length_of_a_run_with_clean_last_epochs_is_refused(tmp_path):
+  """Its unaugmented epochs are the last ones: more epochs would move them."""
+  clean = lambda epochs: tiny_config('', augment_max_shift=2.0, augment_clean_epochs=2,
+                                     num_epochs=epochs)
+  problem = rundir.num_epochs_problem(str(tmp_path), rundir.recorded_config(clean(12)),
+                                      clean(20))
+  assert problem == (
+      '--config.num_epochs=20 would move the last 2 unaugmented epochs '
+      f'(augment_clean_epochs) of the run in {tmp_path} (12 epochs): keep num_epochs, or '
+      'use a new --workdir')
+  assert rundir.num_epochs_problem(str(tmp_path), rundir.recorded_config(clean(12)),
+                                   clean(12)) is None
+
+
 def test_evaluate_only_reads_the_workdir(finished, tmp_path, capsys):
   """--mode=evaluate with an unreadable latest checkpoint: it scores the previous one and
   leaves the workdir as it was (config.json, the checkpoint folders)."""
