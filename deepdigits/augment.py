@@ -74,11 +74,12 @@ def augment_batch(rng: jax.Array, images: jax.Array, max_shift: float = 0.0,
   if not is_enabled(max_shift, max_rotation, max_zoom, elastic_alpha):
     return images
   batch, size = images.shape[0], images.shape[1]
-  matrices = jnp.broadcast_to(jnp.eye(4), (batch, 4, 4))
   if is_enabled(max_shift, max_rotation, max_zoom):
     keys = jax.random.split(rng, batch)
     matrices = jax.vmap(random_affine, in_axes=(0, None, None, None, None))(
         keys, max_shift, max_rotation, max_zoom, size)
+  else:
+    matrices = jnp.broadcast_to(jnp.eye(4), (batch, 4, 4))
   if not elastic_alpha:
     transform = lambda image, matrix: dm_pix.affine_transform(
         image, matrix, order=1, mode='constant', cval=0.0)
