@@ -2,6 +2,7 @@
 average of the weights."""
 
 import functools
+import importlib
 
 import dm_pix
 import jax
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from conftest import tiny_config
+from conftest import REPO, tiny_config
 from deepdigits import (
   augment,
   checkpointing,
@@ -310,3 +311,18 @@ def test_a_run_with_the_whole_recipe_evaluates_the_averaged_weights(tiny_mnist_d
   assert max(jax.tree.leaves(difference)) > 1e-4
   jax.tree.map(np.testing.assert_array_equal, trained.params, state.ema['params'])
   jax.tree.map(np.testing.assert_array_equal, raw.batch_stats, state.ema['batch_stats'])
+
+
+def shipped_configs() -> dict:
+  """Every config in configs/, by name, as main.py's --config=configs/NAME.py loads it."""
+  return {path.stem: importlib.import_module(f'configs.{path.stem}').get_config()
+          for path in sorted((REPO / 'configs').glob('*.py')) if path.stem != '__init__'}
+
+
+def test_every_shipped_config_passes_the_checks_and_has_the_default_fields():
+  configs = shipped_configs()
+  assert {'default', 'mnist_best', 'mnist_tpu', 'cpu_quick'} <= set(configs)
+  fields = set(configs['default'].keys())
+  for name, config in configs.items():
+    config_checks.check_values(config)
+    assert set(config.keys()) == fields, name  # each derives from the default
