@@ -326,3 +326,11 @@ def test_every_shipped_config_passes_the_checks_and_has_the_default_fields():
   for name, config in configs.items():
     config_checks.check_values(config)
     assert set(config.keys()) == fields, name  # each derives from the default
+
+
+def test_the_elastic_config_is_the_best_one_with_gentle_distortion_and_a_clean_epoch():
+  configs = shipped_configs()
+  best, elastic = configs['mnist_best'].to_dict(), configs['mnist_elastic'].to_dict()
+  changed = {k: (best[k], elastic[k]) for k in best if best[k] != elastic[k]}
+  assert changed == {'augment_elastic_alpha': (0.0, 20.0),
+                     'augment_elastic_sigma': (4.0, 5.0), 'augment_clean_epochs': (0, 1)}
