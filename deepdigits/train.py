@@ -36,6 +36,7 @@ from deepdigits.train_state import (
   create_train_state,
   evaluation_variables,
   learning_rate_schedule,
+  make_optimizer,
   zero_epoch_sums,
 )
 
@@ -198,9 +199,23 @@ def compile_train_step(config, model, mesh, state: TrainState, feed):
                            feed.steps_per_epoch, mesh)
   else:
     fn = functools.partial(train_step, model, options)
-  step = jax.jit(fn, donate_argnums=0,
-                 out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)))
-  return step.lower(state, *specs).compile()
+
+  def train_step_with_learning_rate(learning_rate, state, *data_args):
+    # The peak learning rate is an input of the program, not a constant in it: runs
+    # and tests that differ only in learning rate share one compiled program (through
+    # the persistent compilation cache). The values equal a constant's bit for bit.
+    tx = make_optimizer(config, learning_rate_schedule(config, feed.steps_per_epoch,
+                                                       peak=learning_rate))
+    new_state, metrics = fn(state.replace(tx=tx), *data_args)
+    return new_state.replace(tx=state.tx), metrics
+
+  replicated = sharding.replicated(mesh)
+  step = jax.jit(train_step_with_learning_rate, donate_argnums=1,
+                 out_shardings=(replicated, replicated))
+  compiled = step.lower(jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated),
+                        state, *specs).compile()
+  return functools.partial(compiled, jax.device_put(jnp.float32(config.learning_rate),
+                                                    replicated))
 
 
 def epoch_dispatches(feed, order, step: int, steps_per_dispatch: int,

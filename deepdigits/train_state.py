@@ -34,16 +34,24 @@ def zero_epoch_sums() -> dict:
           'correct': jnp.zeros((), jnp.int32), 'count': jnp.zeros((), jnp.float32)}
 
 
-def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
+def learning_rate_schedule(config, steps_per_epoch: int,
+                           peak: Optional[jax.typing.ArrayLike] = None) -> optax.Schedule:
   """'constant' (the original), or 'cosine': a linear warm-up over warmup_epochs, then
-  a cosine decay to 0 at the last step."""
+  a cosine decay to 0 at the last step; both peak at `peak`, by default
+  config.learning_rate. The peak may be a traced value: the compiled train step takes
+  it as an input, so that runs differing only in learning rate share one program."""
+  if peak is None:
+    peak = config.learning_rate
   if config.lr_schedule == 'constant':
-    return optax.constant_schedule(config.learning_rate)
+    return optax.constant_schedule(peak)
   total = max(1, config.num_epochs * steps_per_epoch)
   warmup = min(total - 1, round(config.warmup_epochs * steps_per_epoch))
-  return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=config.learning_rate, warmup_steps=warmup,
-      decay_steps=total, end_value=0.0)
+  # optax.warmup_cosine_decay_schedule(0, peak, warmup, total, end_value=0) spelled out:
+  # it tests `peak == 0`, which a traced peak cannot answer.
+  return optax.join_schedules(
+      [optax.linear_schedule(init_value=0.0, end_value=peak, transition_steps=warmup),
+       optax.cosine_decay_schedule(init_value=peak, decay_steps=total - warmup, alpha=0.0)],
+      [warmup])
 
 
 def make_optimizer(config, schedule: optax.Schedule) -> optax.GradientTransformation:

@@ -8,6 +8,7 @@ import dm_pix
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import scipy.ndimage
 
@@ -228,6 +229,15 @@ def test_cosine_schedule_values():
   # Cosine from the peak at step 100 to 0 at step 1000: half-way is half the peak.
   np.testing.assert_allclose(schedule(550), 5e-4, rtol=1e-5)
   np.testing.assert_allclose(schedule(1000), 0.0, atol=1e-12)
+  # Bit for bit optax's own; and in a program, the same with the peak an input of the
+  # program (as the compiled train step takes it) as with the peak a constant in it.
+  counts = jnp.arange(1001)
+  np.testing.assert_array_equal(
+      schedule(counts), optax.warmup_cosine_decay_schedule(0.0, 1e-3, 100, 1000)(counts))
+  constant_peak = jax.jit(lambda: schedule(counts))()
+  traced_peak = jax.jit(
+      lambda peak: train_state.learning_rate_schedule(config, 100, peak)(counts))
+  np.testing.assert_array_equal(traced_peak(jnp.float32(1e-3)), constant_peak)
   constant = train_state.learning_rate_schedule(tiny_config('', learning_rate=3e-3), 100)
   assert float(constant(0)) == float(constant(999)) == 3e-3
 

@@ -341,3 +341,45 @@ def test_a_nonfinite_update_leaves_the_state_as_it_was_from_then_on(batch, poiso
   state, _ = step(state, later, labels)
   assert int(state.nonfinite_step) == 1
   jax.tree.map(np.testing.assert_array_equal, _frozen_fields(state), before)
+
+
+def program_without_debug_info(hlo: str) -> str:
+  """An HLO module's text without its source locations (their tables and each
+  instruction's metadata), which the compilation cache's key leaves out too."""
+  lines = [line for line in hlo.splitlines()
+           if not re.match(r'(FileNames|FunctionNames|FileLocations|StackFrames|\d)', line)]
+  return re.sub(r',? metadata=\{[^{}]*\}', '', '\n'.join(lines))
+
+
+@pytest.mark.parametrize('lr_schedule', ['constant', 'cosine'])
+def test_the_compiled_step_takes_the_learning_rate_as_an_input_with_a_constants_values(
+    batch, lr_schedule, monkeypatch):
+  """compile_train_step's program has the peak learning rate as an input: two rates give
+  the same program, and each gives bit for bit what the step with the rate compiled in
+  as a constant gives (train_step on the state's own optimizer), over the cosine
+  schedule's warm-up and decay too."""
+  images, labels = batch[0][:16], batch[1][:16]
+  monkeypatch.setattr(train, 'l2_penalty', lambda params, weight: jnp.zeros(()))
+  model, mesh = InkToy(), mesh_of(1)
+  feed = input_pipeline.HostFeed(mesh, Split(images, labels), 8)  # 2 steps an epoch
+  programs, trained = [], []
+  for learning_rate in (1e-3, 3e-3):
+    config = tiny_config('', batch_size=8, learning_rate=learning_rate, num_epochs=3,
+                         lr_schedule=lr_schedule, warmup_epochs=1.0)
+    state = train_state.create_train_state(config, model, mesh, feed.steps_per_epoch)
+    step_fn = train.compile_train_step(config, model, mesh, state, feed)
+    constant_step = jax.jit(functools.partial(
+        train.train_step, model, train.StepOptions.from_config(config, feed.steps_per_epoch)))
+    reference = train_state.create_train_state(config, model, mesh, feed.steps_per_epoch)
+    for data_args in list(feed.epoch(np.arange(16), 0)) * 3:  # warm-up, then decay
+      state, metrics = step_fn(state, *data_args)
+      reference, reference_metrics = constant_step(reference, *data_args)
+    assert int(state.step) == 6
+    jax.tree.map(np.testing.assert_array_equal,
+                 jax.device_get((state.params, state.opt_state, state.batch_stats, metrics)),
+                 jax.device_get((reference.params, reference.opt_state,
+                                 reference.batch_stats, reference_metrics)))
+    programs.append(program_without_debug_info(step_fn.func.as_text()))
+    trained.append(jax.device_get(state.params))
+  assert programs[0] == programs[1]
+  assert not np.array_equal(trained[0]['Dense_0']['kernel'], trained[1]['Dense_0']['kernel'])
