@@ -35,18 +35,22 @@ def test_parameter_and_batch_stats_count_is_the_originals(variables):
   assert variables['params']['dense1']['kernel'].shape == (4096, 512)
 
 
+# Jitted, as the trainer and the evaluator run the network: one compile each, where
+# calling it eagerly compiles and dispatches every operation of it on its own.
+evaluation_logits = jax.jit(functools.partial(DeepDigitsCNN().apply, train=False))
+training_logits = jax.jit(lambda variables, x, key: DeepDigitsCNN().apply(
+    variables, x, train=True, mutable=['batch_stats'], rngs={'dropout': key})[0])
+
+
 def test_output_shape_and_dtype(variables):
-  logits = DeepDigitsCNN().apply(variables, jnp.ones((5, 28, 28, 1)), train=False)
-  assert logits.shape == (5, 10) and logits.dtype == jnp.float32
+  logits = evaluation_logits(variables, jnp.ones((4, 28, 28, 1)))
+  assert logits.shape == (4, 10) and logits.dtype == jnp.float32
 
 
 def test_eval_is_deterministic_and_dropout_follows_the_rng(variables):
-  model = DeepDigitsCNN()
   x = jax.random.uniform(jax.random.PRNGKey(1), (4, 28, 28, 1))
-  np.testing.assert_array_equal(model.apply(variables, x, train=False),
-                                model.apply(variables, x, train=False))
-  run = lambda seed: model.apply(variables, x, train=True, mutable=['batch_stats'],
-                                 rngs={'dropout': jax.random.PRNGKey(seed)})[0]
+  np.testing.assert_array_equal(evaluation_logits(variables, x), evaluation_logits(variables, x))
+  run = lambda seed: training_logits(variables, x, jax.random.PRNGKey(seed))
   np.testing.assert_array_equal(run(0), run(0))
   assert np.abs(run(0) - run(1)).max() > 1e-3
 
@@ -286,8 +290,8 @@ def test_network_with_batch_norm_groups_differs_in_training_only(variables):
   x = jax.random.uniform(jax.random.PRNGKey(3), (8, 28, 28, 1))
   whole, grouped = DeepDigitsCNN(use_dropout=False), DeepDigitsCNN(use_dropout=False,
                                                                     bn_group_size=4)
-  np.testing.assert_array_equal(grouped.apply(variables, x, train=False),
-                                whole.apply(variables, x, train=False))
+  grouped_evaluation = jax.jit(functools.partial(grouped.apply, train=False))
+  np.testing.assert_array_equal(grouped_evaluation(variables, x), evaluation_logits(variables, x))
   train = lambda model: jax.jit(lambda v, x: model.apply(v, x, train=True,
                                                          mutable=['batch_stats'])[0])(
       variables, x)
@@ -311,19 +315,29 @@ def test_dropout_rates_and_places_are_the_originals(variables):
   (0.25 after each pooling, 0.5 after each hidden dense block) and scales the rest by
   1 / (1 - rate); in evaluation none drops anything."""
   x = jax.random.uniform(jax.random.PRNGKey(5), (64, 28, 28, 1))
-  seen = []
 
-  def record(next_fun, args, kwargs, context):
-    out = next_fun(*args, **kwargs)
-    if isinstance(context.module, nn.Dropout) and context.method_name == '__call__':
-      seen.append((context.module.rate, np.asarray(args[0]), np.asarray(out)))
-    return out
+  def dropouts_seen(train):
+    """(rate, input, output) of each dropout layer as the network runs, jitted."""
+    rates = []
+
+    def inputs_and_outputs(variables, x):
+      seen = []
+      def record(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        if isinstance(context.module, nn.Dropout) and context.method_name == '__call__':
+          rates.append(context.module.rate)
+          seen.append((args[0], out))
+        return out
+      with nn.intercept_methods(record):
+        DeepDigitsCNN().apply(variables, x, train=train, mutable=['batch_stats'],
+                              rngs={'dropout': jax.random.PRNGKey(6)})
+      return seen
+
+    seen = jax.device_get(jax.jit(inputs_and_outputs)(variables, x))
+    return [(rate, np.asarray(i), np.asarray(o)) for rate, (i, o) in zip(rates, seen)]
 
   for train in (True, False):
-    seen.clear()
-    with nn.intercept_methods(record):
-      DeepDigitsCNN().apply(variables, x, train=train, mutable=['batch_stats'],
-                            rngs={'dropout': jax.random.PRNGKey(6)})
+    seen = dropouts_seen(train)
     assert [(rate, inputs.shape[1:]) for rate, inputs, _ in seen] == [
         (0.25, (12, 12, 64)), (0.25, (4, 4, 256)), (0.5, (512,)), (0.5, (256,))]
     for rate, inputs, outputs in seen:
