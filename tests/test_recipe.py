@@ -242,26 +242,31 @@ def test_cosine_schedule_values():
   assert float(constant(0)) == float(constant(999)) == 3e-3
 
 
+# Jitted once for both cases, as the train step runs them (label_smoothing an input).
 LOSS_FN = jax.jit(functools.partial(train.loss_fn, DeepDigitsCNN(), 1e-3))  # L2 weight 1e-3
+EVALUATION_LOGITS = jax.jit(functools.partial(DeepDigitsCNN().apply, train=False))
+
+
+@pytest.fixture(scope='module')
+def network_variables():
+  return jax.jit(lambda key: DeepDigitsCNN().init(key, jnp.zeros((1, 28, 28, 1)),
+                                                  train=False))(jax.random.PRNGKey(0))
 
 
 @pytest.mark.parametrize('label_smoothing', [0.0, 0.1])
-def test_the_loss_is_smoothed_cross_entropy_plus_keras_l2(images, mnist, label_smoothing):
+def test_the_loss_is_smoothed_cross_entropy_plus_keras_l2(images, mnist, label_smoothing,
+                                                          network_variables):
   """train.loss_fn against the formula in numpy, on the network's own training-mode
   logits: targets (1 - a) * one_hot + a / 10, plus 0.001 * the sum of squares of the
   three regularised kernels."""
-  model = DeepDigitsCNN()
-  # Jitted, as the train step runs them (label_smoothing an input: one compile for both).
-  variables = jax.jit(lambda key: model.init(key, images[:1], train=False))(
-      jax.random.PRNGKey(0))
+  variables = network_variables
   params = variables['params']
   labels = jnp.asarray(mnist['test'].labels[:32])
   loss, (cross_entropy, l2, logits, _) = LOSS_FN(
       label_smoothing, params, variables['batch_stats'], jax.random.PRNGKey(1), images,
       labels)
   # Training mode: batch statistics and dropout, not the evaluation network.
-  evaluation_logits = jax.jit(functools.partial(model.apply, train=False))(variables, images)
-  assert not np.allclose(logits, evaluation_logits, atol=1e-3)
+  assert not np.allclose(logits, EVALUATION_LOGITS(variables, images), atol=1e-3)
   logits = np.asarray(logits, np.float64)
   log_p = logits - logits.max(1, keepdims=True)
   log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
