@@ -9,6 +9,7 @@ the grid's points and the search's good trials share one compiled step.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -48,14 +49,16 @@ def point_names(seeds) -> list[str]:
   return [f'seed={s}' for s in seeds]
 
 
-def sweep_worker(data_dir: str, root, seeds=SEEDS, **popen) -> subprocess.Popen:
+def sweep_worker(data_dir: str, root, seeds=SEEDS, heartbeat_seconds: int = 1,
+                 **popen) -> subprocess.Popen:
   """A worker of the study of the grid over `seeds` (one epoch a point, a checkpoint a
-  step)."""
+  step). A 1 s heartbeat lets a killed worker's trial go stale after 2 s."""
   return subprocess.Popen(
       [sys.executable, '-m', 'deepdigits.tools.sweep', '--config=configs/default.py',
        f'--workdir={root / "sweep"}', *config_flags(data_dir),
        '--grid', 'seed=' + ','.join(map(str, seeds)),
-       f'--storage=sqlite:///{root / "study.db"}', '--heartbeat_seconds=1'],
+       f'--storage=sqlite:///{root / "study.db"}',
+       f'--heartbeat_seconds={heartbeat_seconds}'],
       cwd=REPO, env=ONE_DEVICE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
       text=True, **popen)
 
@@ -78,8 +81,14 @@ def finish(worker: subprocess.Popen) -> str:
 
 
 def trained_points(out: str) -> list[str]:
-  """The points a worker's output says it started training."""
-  return [line.split(':')[0] for line in out.splitlines() if ': training in ' in line]
+  """The points a worker's output says it trained: those it started, less those whose
+  workdir it found locked by another worker (Optuna's grid sampler may hand a point
+  out twice while workers race)."""
+  points = [line.split(':')[0] for line in out.splitlines() if ': training in ' in line]
+  for line in out.splitlines():
+    if ': trained by another worker' in line:
+      points.remove(line.split(':')[0])
+  return points
 
 
 def computed_records(workdir) -> list[dict]:
@@ -96,27 +105,55 @@ def load(root):
 def shared_grid(tiny_mnist_dir, tmp_path_factory):
   """Two workers on one SQLite study of a 4-point grid, the second started once the
   first has trained a step (so that the step compiles once, and the second loads it
-  from the compilation cache while the first trains)."""
+  from the compilation cache while the first trains). Both stay alive: a 30 s
+  heartbeat keeps a late one on a loaded machine from failing a live worker's trial as
+  stale."""
   root = tmp_path_factory.mktemp('shared_grid')
-  first = sweep_worker(tiny_mnist_dir, root)
+  first = sweep_worker(tiny_mnist_dir, root, heartbeat_seconds=30)
   wait_for_a_trained_step(first, root)
-  second = sweep_worker(tiny_mnist_dir, root)
+  second = sweep_worker(tiny_mnist_dir, root, heartbeat_seconds=30)
   return root, finish(first), finish(second)
 
 
 def test_two_workers_share_a_grid_and_train_each_point_exactly_once(shared_grid):
   root, first, second = shared_grid
-  assert sorted(trained_points(first) + trained_points(second)) == point_names(SEEDS)
+  assert (sorted(trained_points(first) + trained_points(second)) == point_names(SEEDS)
+         ), f'first worker:\n{first[-3000:]}\nsecond worker:\n{second[-3000:]}'
   assert trained_points(first) and trained_points(second)  # both took points
+  state = optuna.trial.TrialState
   trials = load(root).get_trials()
-  assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 4
-  assert sorted(t.user_attrs['workdir'] for t in trials) == point_names(SEEDS)
-  for trial in trials:  # each trial's value is its run's final validation accuracy
-    record = computed_records(root / 'sweep' / trial.user_attrs['workdir'])[-1]
+  complete = [t for t in trials if t.state == state.COMPLETE]
+  assert sorted({t.user_attrs['workdir'] for t in complete}) == point_names(SEEDS)
+  # Any other trial is one that lost a race for a point to the worker training it.
+  assert all(t.state == state.FAIL and 'busy' in t.user_attrs
+             for t in trials if t.state != state.COMPLETE), trials
+  for trial in complete:  # each trial's value is its run's final validation accuracy
+    [record] = computed_records(root / 'sweep' / trial.user_attrs['workdir'])
     assert (record['epoch'], record['step']) == (1, 4)
     assert trial.value == record['validation_accuracy_recalibrated']
   rows = (root / 'sweep' / 'results.csv').read_text().splitlines()
   assert len(rows) == 5 and all(',done,' in row for row in rows[1:])
+
+
+def test_a_point_handed_out_after_it_finished_is_not_trained_again(shared_grid,
+                                                                 tiny_mnist_dir, tmp_path):
+  """The shared grid's finished points under a new study (a copy of its folder, so a
+  study of another name): each trial the sampler hands out finds its point finished and
+  takes its final metric, as when workers race for a point that finishes meanwhile."""
+  reference, _, _ = shared_grid
+  shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
+  out = finish(sweep_worker(tiny_mnist_dir, tmp_path))
+  assert trained_points(out) == []
+  assert sorted(line.split(':')[0] for line in out.splitlines()
+                if ': finished earlier, not trained again' in line) == point_names(SEEDS)
+  trials = load(tmp_path).get_trials()
+  assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 4
+  for trial in trials:
+    name = trial.user_attrs['workdir']
+    assert (computed_records(tmp_path / 'sweep' / name) ==
+            computed_records(reference / 'sweep' / name)), name
+    assert trial.value == computed_records(tmp_path / 'sweep' / name)[-1][
+        'validation_accuracy_recalibrated']
 
 
 def test_a_killed_workers_point_is_resumed_by_a_restarted_worker_with_the_same_metrics(

@@ -267,7 +267,15 @@ def run_shared_points(config: ml_collections.ConfigDict, workdir: str,
 
   def objective(trial):
     values = {field: trial.suggest_categorical(field, values) for field, values in grid}
-    return study.run_trial(trial, by_name[point_name(values)], ranking_value, say)
+    point = by_name[point_name(values)]
+    # Optuna's grid sampler may hand a point out again while workers race (its docs
+    # say so): one running elsewhere is refused by its workdir's lock (run_trial), and
+    # one finished meanwhile gives its final metric without training again.
+    if (record := finished_record(point)) is not None:
+      trial.set_user_attr('workdir', point.name)
+      say(f'{point.name}: finished earlier, not trained again (trial {trial.number})')
+      return ranking_value(record)
+    return study.run_trial(trial, point, ranking_value, say)
 
   def started_all(trials) -> bool:
     started = {t.system_attrs.get('grid_id') for t in trials}
