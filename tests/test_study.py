@@ -19,6 +19,7 @@ import time
 import pytest
 
 from conftest import REPO, tiny_config
+from deepdigits import rundir
 from deepdigits.errors import ConfigError
 from deepdigits.preemption import Preempted
 from deepdigits.tools import search, study, sweep
@@ -154,6 +155,24 @@ def test_a_point_handed_out_after_it_finished_is_not_trained_again(shared_grid,
             computed_records(reference / 'sweep' / name)), name
     assert trial.value == computed_records(tmp_path / 'sweep' / name)[-1][
         'validation_accuracy_recalibrated']
+
+
+def test_a_point_whose_workdir_another_worker_holds_is_left_to_that_worker(
+    tiny_mnist_dir, tmp_path):
+  """The other side of a race for a point: its workdir's lock is held (here by this
+  process, as the worker training it would), so the trial fails as `busy`, the point
+  is left pending to its holder, and nothing is written into its folder."""
+  workdir = tmp_path / 'sweep' / 'seed=0'
+  workdir.mkdir(parents=True)
+  with rundir.locked(str(workdir)):
+    out = finish(sweep_worker(tiny_mnist_dir, tmp_path, seeds=(0,)))
+  assert trained_points(out) == []
+  assert f"seed=0: trained by another worker (trial 0): another run (pid {os.getpid()})" in out
+  [trial] = load(tmp_path).get_trials()
+  assert trial.state == optuna.trial.TrialState.FAIL and 'busy' in trial.user_attrs
+  assert os.listdir(workdir) == [rundir.LOCK_NAME]
+  rows = (tmp_path / 'sweep' / 'results.csv').read_text().splitlines()
+  assert len(rows) == 2 and ',pending,' in rows[1]
 
 
 def test_a_killed_workers_point_is_resumed_by_a_restarted_worker_with_the_same_metrics(
