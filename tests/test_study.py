@@ -151,10 +151,9 @@ def test_a_point_handed_out_after_it_finished_is_not_trained_again(shared_grid,
   assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 4
   for trial in trials:
     name = trial.user_attrs['workdir']
-    assert (computed_records(tmp_path / 'sweep' / name) ==
-            computed_records(reference / 'sweep' / name)), name
-    assert trial.value == computed_records(tmp_path / 'sweep' / name)[-1][
-        'validation_accuracy_recalibrated']
+    records = computed_records(tmp_path / 'sweep' / name)
+    assert records == computed_records(reference / 'sweep' / name), name
+    assert trial.value == records[-1]['validation_accuracy_recalibrated']
 
 
 def test_a_point_whose_workdir_another_worker_holds_is_left_to_that_worker(
