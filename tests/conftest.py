@@ -7,7 +7,8 @@ names (CI sets it to ../shared/data/mnist); else from the download cache, fetchi
 into it if a mirror answers; else they are skipped, with the reason.
 
 A compilation cache shared by the tests, their pytest-xdist workers and the runs they
-start in subprocesses saves compiling the same tiny-config steps over and over.
+start in subprocesses saves compiling the same tiny-config steps over and over; it is kept
+between runs of the suite in .pytest_cache (`--cache-clear` empties it first).
 """
 
 import importlib.util
@@ -26,10 +27,15 @@ if PLATFORM == 'cpu':
       os.environ.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count={DEVICES}'
   ).strip()
 os.environ['JAX_PLATFORMS'] = PLATFORM
-OWN_COMPILATION_CACHE = None  # made by this process (the main pytest one), removed at its end
+# JAX's cache keys hold the whole program, JAX's and XLA's versions and XLA's flags: a
+# program that changed compiles anew, and a kept one is the one that would be compiled.
+OWN_COMPILATION_CACHE = None  # chosen by this process (the main pytest one), not given
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
-  OWN_COMPILATION_CACHE = tempfile.mkdtemp(prefix='jax_cache_')
+  OWN_COMPILATION_CACHE = os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), '.pytest_cache', 'jax-compilation-cache')
   os.environ['JAX_COMPILATION_CACHE_DIR'] = OWN_COMPILATION_CACHE
+  # Least recently used programs go beyond this (a whole run writes about 60 MB).
+  os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(2 << 30))
 # Every compile, even the many small ones (Orbax's first save slices each array: about
 # 100 tiny programs a process), so that the workers and subprocesses compile each once.
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
@@ -201,6 +207,11 @@ def pytest_configure(config):
   config.addinivalue_line(
       'markers', 'devices(n): needs n devices; where this process has fewer, it runs in a '
       'child pytest on n fake CPU devices')
+  # `--cache-clear` empties the kept compilation cache too: a run that compiles all.
+  # Only the main process, before it starts the xdist workers and anything compiles.
+  if (OWN_COMPILATION_CACHE and config.getoption('cacheclear', False)
+      and not hasattr(config, 'workerinput')):
+    shutil.rmtree(OWN_COMPILATION_CACHE, ignore_errors=True)
 
 
 @pytest.hookimpl(optionalhook=True)  # a child pytest runs without pytest-xdist
@@ -311,7 +322,3 @@ def child_outcomes(session, path, devices) -> dict:
 CHILD_OUTCOMES = pytest.StashKey[dict]()
 
 
-def pytest_sessionfinish(session):
-  del session
-  if OWN_COMPILATION_CACHE:  # after the xdist workers have ended
-    shutil.rmtree(OWN_COMPILATION_CACHE, ignore_errors=True)
