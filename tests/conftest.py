@@ -29,13 +29,16 @@ if PLATFORM == 'cpu':
 os.environ['JAX_PLATFORMS'] = PLATFORM
 # JAX's cache keys hold the whole program, JAX's and XLA's versions and XLA's flags: a
 # program that changed compiles anew, and a kept one is the one that would be compiled.
-OWN_COMPILATION_CACHE = None  # chosen by this process (the main pytest one), not given
+# The main pytest process chooses the folder; its workers and children inherit it.
+OWN_COMPILATION_CACHE = None  # the folder this process chose, if the caller gave none
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   OWN_COMPILATION_CACHE = os.path.join(os.path.dirname(os.path.dirname(
       os.path.abspath(__file__))), '.pytest_cache', 'jax-compilation-cache')
   os.environ['JAX_COMPILATION_CACHE_DIR'] = OWN_COMPILATION_CACHE
-  # Least recently used programs go beyond this (a whole run writes about 60 MB).
-  os.environ.setdefault('JAX_COMPILATION_CACHE_MAX_SIZE', str(2 << 30))
+# Emptied at the start of a run beyond this (a whole run writes about 52 MB): programs
+# of older code are never read again. JAX's own bound (jax_compilation_cache_max_size)
+# rescans the whole folder at each write.
+KEPT_COMPILATION_CACHE_BYTES = 1 << 30
 # Every compile, even the many small ones (Orbax's first save slices each array: about
 # 100 tiny programs a process), so that the workers and subprocesses compile each once.
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
@@ -208,10 +211,19 @@ def pytest_configure(config):
       'markers', 'devices(n): needs n devices; where this process has fewer, it runs in a '
       'child pytest on n fake CPU devices')
   # `--cache-clear` empties the kept compilation cache too: a run that compiles all.
-  # Only the main process, before it starts the xdist workers and anything compiles.
-  if (OWN_COMPILATION_CACHE and config.getoption('cacheclear', False)
-      and not hasattr(config, 'workerinput')):
+  # In the main process (the only one with its own cache folder), before it starts the
+  # xdist workers and anything compiles.
+  if OWN_COMPILATION_CACHE and (config.getoption('cacheclear', False) or folder_bytes(
+      OWN_COMPILATION_CACHE) > KEPT_COMPILATION_CACHE_BYTES):
     shutil.rmtree(OWN_COMPILATION_CACHE, ignore_errors=True)
+
+
+def folder_bytes(path: str) -> int:
+  """The size of the files directly in `path` (0 if there is no such folder)."""
+  try:
+    return sum(entry.stat().st_size for entry in os.scandir(path) if entry.is_file())
+  except FileNotFoundError:
+    return 0
 
 
 @pytest.hookimpl(optionalhook=True)  # a child pytest runs without pytest-xdist
