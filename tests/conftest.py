@@ -213,17 +213,23 @@ def pytest_configure(config):
   # `--cache-clear` empties the kept compilation cache too: a run that compiles all.
   # In the main process (the only one with its own cache folder), before it starts the
   # xdist workers and anything compiles.
-  if OWN_COMPILATION_CACHE and (config.getoption('cacheclear', False) or folder_bytes(
+  if OWN_COMPILATION_CACHE and (config.getoption('cacheclear', False) or kept_cache_bytes(
       OWN_COMPILATION_CACHE) > KEPT_COMPILATION_CACHE_BYTES):
     shutil.rmtree(OWN_COMPILATION_CACHE, ignore_errors=True)
 
 
-def folder_bytes(path: str) -> int:
-  """The size of the files directly in `path` (0 if there is no such folder)."""
+def kept_cache_bytes(path: str) -> int:
+  """The size of the entries in the cache folder `path` (0 if there is none), after
+  removing the empty ones: a process killed between creating an entry's file and
+  writing it leaves one, which JAX would warn about, and never replace, in every run."""
   try:
-    return sum(entry.stat().st_size for entry in os.scandir(path) if entry.is_file())
+    sizes = {e.path: e.stat().st_size for e in os.scandir(path) if e.is_file()}
   except FileNotFoundError:
     return 0
+  for entry, size in sizes.items():
+    if size == 0:
+      os.remove(entry)
+  return sum(sizes.values())
 
 
 @pytest.hookimpl(optionalhook=True)  # a child pytest runs without pytest-xdist
