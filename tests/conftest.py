@@ -13,8 +13,11 @@ between runs of the suite in .pytest_cache (`--cache-clear` empties it first).
 
 import importlib.util
 import os
+import pathlib
 import shutil
 import tempfile
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # The accelerator check (scripts/gpu_check.sh) runs the tests on a real device:
 # DEEPDIGITS_TEST_PLATFORM=cuda. DEEPDIGITS_TEST_DEVICES=8 runs the whole suite on 8
@@ -32,8 +35,7 @@ os.environ['JAX_PLATFORMS'] = PLATFORM
 # The main pytest process chooses the folder; its workers and children inherit it.
 OWN_COMPILATION_CACHE = None  # the folder this process chose, if the caller gave none
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
-  OWN_COMPILATION_CACHE = os.path.join(os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__))), '.pytest_cache', 'jax-compilation-cache')
+  OWN_COMPILATION_CACHE = str(REPO / '.pytest_cache' / 'jax-compilation-cache')
   os.environ['JAX_COMPILATION_CACHE_DIR'] = OWN_COMPILATION_CACHE
 # Emptied at the start of a run beyond this (a whole run writes about 52 MB): programs
 # of older code are never read again. JAX's own bound (jax_compilation_cache_max_size)
@@ -43,7 +45,6 @@ KEPT_COMPILATION_CACHE_BYTES = 1 << 30
 # 100 tiny programs a process), so that the workers and subprocesses compile each once.
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
-import pathlib  # pylint: disable=g-import-not-at-top
 import subprocess  # pylint: disable=g-import-not-at-top
 import sys  # pylint: disable=g-import-not-at-top
 import xml.etree.ElementTree as ElementTree  # pylint: disable=g-import-not-at-top
@@ -55,7 +56,6 @@ from deepdigits import data, host_memory  # pylint: disable=g-import-not-at-top
 
 host_memory.keep_freed_memory()  # as every command does, before JAX starts its threads
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 MNIST_DIR_VARIABLE = 'DEEPDIGITS_MNIST_DIR'
 
 
