@@ -10,6 +10,7 @@ import dataclasses
 import gzip
 import importlib.util
 import os
+import tempfile
 from typing import Optional
 
 import jax.numpy as jnp
@@ -160,6 +161,11 @@ def read_tfds_split(split: str, tfds_data_dir: Optional[str]) -> Split:
   quiet = logging.get_verbosity() == logging.WARNING  # the commands' default
   if quiet:  # its warnings about an unprepared folder precede our own line
     logging.set_verbosity(logging.ERROR)
+  # tensorflow-datasets fetches the dataset's description into a `mkdtemp` folder that
+  # it never removes (one per call, empty without network): it goes with this one.
+  previous_tempdir = tempfile.tempdir
+  scratch = tempfile.TemporaryDirectory(prefix='deepdigits-tfds-')
+  tempfile.tempdir = scratch.name
   try:
     source = tfds.data_source('mnist', split=split, data_dir=tfds_data_dir or None)
   except Exception as e:  # not prepared, no TensorFlow, no network: all end here
@@ -175,6 +181,8 @@ def read_tfds_split(split: str, tfds_data_dir: Optional[str]) -> Split:
         'on a machine with network `pip install -e ".[tfds]"` lets tensorflow-datasets '
         'download and prepare it once.') from None
   finally:
+    tempfile.tempdir = previous_tempdir
+    scratch.cleanup()
     if quiet:
       logging.set_verbosity(logging.WARNING)
   records = [source[i] for i in range(len(source))]

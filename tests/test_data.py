@@ -2,9 +2,11 @@
 
 import dataclasses
 import gzip
+import os
 import pathlib
 import re
 import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -185,6 +187,16 @@ def test_tfds_without_prepared_data_says_how_to_use_idx(tmp_path):
   with pytest.raises(DataError) as info:
     data.read_tfds_split('train', str(tmp_path / 'empty_tfds'))
   assert '--config.data_source=idx' in str(info.value)
+
+
+def test_tfds_leaves_nothing_in_the_temporary_folder(tmp_path, monkeypatch):
+  # tensorflow-datasets makes a `mkdtemp` folder per call that it never removes.
+  monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path / 'tmp'))
+  (tmp_path / 'tmp').mkdir()
+  with pytest.raises(DataError):
+    data.read_tfds_split('test', str(tmp_path / 'empty_tfds'))
+  assert os.listdir(tmp_path / 'tmp') == []
+  assert tempfile.gettempdir() == str(tmp_path / 'tmp')
 
 
 def test_validation_slice_is_disjoint_from_training(tiny_mnist_dir, mnist):
