@@ -195,7 +195,9 @@ SHARED_WORKER = {'test_plots': 'tiny_trained_workdir', 'test_predict': 'tiny_tra
                  'test_seeds': 'tiny_seeds_folder', 'test_ensemble': 'tiny_seeds_folder'}
 # The units that take longest, longest first (measured: docs/testing.md), handed out
 # before the others, so that no worker is left with a long one while the other idles.
-LONGEST_UNITS = ('tiny_trained_workdir', 'test_study', 'test_failures', 'test_train',
+# test_train goes second: it compiles programs of its own, while the first unit compiles
+# the tiny config's train step, which test_study would otherwise compile at once too.
+LONGEST_UNITS = ('tiny_trained_workdir', 'test_train', 'test_study', 'test_failures',
                  'test_main', 'test_multihost', 'tiny_seeds_folder', 'test_recipe',
                  'test_model', 'test_gcs')
 
