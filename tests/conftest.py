@@ -37,7 +37,7 @@ OWN_COMPILATION_CACHE = None  # the folder this process chose, if the caller gav
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   OWN_COMPILATION_CACHE = str(REPO / '.pytest_cache' / 'jax-compilation-cache')
   os.environ['JAX_COMPILATION_CACHE_DIR'] = OWN_COMPILATION_CACHE
-# Emptied at the start of a run beyond this (a whole run writes about 52 MB): programs
+# Emptied at the start of a run beyond this (a whole run writes about 37 MB): programs
 # of older code are never read again. JAX's own bound (jax_compilation_cache_max_size)
 # rescans the whole folder at each write.
 KEPT_COMPILATION_CACHE_BYTES = 1 << 30
