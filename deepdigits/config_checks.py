@@ -10,7 +10,7 @@ from jax.sharding import Mesh
 from deepdigits import input_pipeline, model_factory, sharding
 from deepdigits.data import DATA_SOURCES, IMAGE_SHAPE, check_data_dir
 from deepdigits.errors import ConfigError
-from deepdigits.model import CONV_IMPLS, POOL_IMPLS
+from deepdigits.model import POOL_IMPLS
 from deepdigits.train_state import LR_SCHEDULES
 
 
@@ -73,7 +73,6 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f'--config.dtype={config.dtype!r}: use one of '
                       f'{sorted(model_factory.DTYPES)}.')
   for name, choices in (('data_source', DATA_SOURCES),
-                        ('conv_impl', CONV_IMPLS + ('auto',)),
                         ('pool_impl', POOL_IMPLS + ('auto',)),
                         ('feed', input_pipeline.FEEDS),
                         ('lr_schedule', LR_SCHEDULES)):
@@ -82,5 +81,8 @@ def check_values(config: ml_collections.ConfigDict) -> None:
   if config.steps_per_dispatch > 1 and config.feed != 'device':
     raise ConfigError(f'--config.steps_per_dispatch={config.steps_per_dispatch} needs '
                       "--config.feed='device' (the loop slices its batches on the device).")
-  if config.conv_impl == 'onednn' and (problem := model_factory.onednn_problem(config.dtype)):
-    raise ConfigError(f"--config.conv_impl='onednn' {problem}.")
+  if problem := model_factory.conv_impl_problem(config.conv_impl):
+    raise ConfigError(f'--config.conv_impl={config.conv_impl!r} {problem}.')
+  if ('onednn' in model_factory.config_conv_impls(config.conv_impl)
+      and (problem := model_factory.onednn_problem(config.dtype))):
+    raise ConfigError(f'--config.conv_impl={config.conv_impl!r} {problem}.')

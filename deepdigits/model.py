@@ -16,10 +16,13 @@ import jax.numpy as jnp
 from deepdigits.ops import onednn_conv
 from deepdigits.ops.conv import conv3x3_shifted_matmul
 from deepdigits.ops.pool import max_pool_2x2_strided
+from deepdigits.ops.winograd import conv3x3_winograd
 
 # Kernels that carry the original's `kernel_regularizer=l2(0.001)`.
 L2_REGULARIZED_KERNELS = ('conv4', 'dense1', 'dense2')
-CONV_IMPLS = ('native', 'shifted_matmul', 'onednn')
+CONV_IMPLS = ('native', 'shifted_matmul', 'onednn', 'winograd')
+# The convolutions in order: name, input features, output features.
+CONV_LAYERS = (('conv1', 1, 32), ('conv2', 32, 64), ('conv3', 64, 128), ('conv4', 128, 256))
 POOL_IMPLS = ('native', 'strided_views')
 
 
@@ -30,6 +33,19 @@ def max_pool_2x2(x: jax.Array, impl: str) -> jax.Array:
   if impl == 'strided_views':
     return max_pool_2x2_strided(x)
   raise ValueError(f'pool_impl must be one of {POOL_IMPLS}, got {impl!r}')
+
+
+def layer_conv_impls(conv_impl) -> tuple[str, ...]:
+  """One implementation per convolution (CONV_LAYERS) from one name or one per layer."""
+  impls = (conv_impl,) * len(CONV_LAYERS) if isinstance(conv_impl, str) else tuple(conv_impl)
+  if len(impls) != len(CONV_LAYERS):
+    raise ValueError(f'conv_impl needs one name or {len(CONV_LAYERS)}, got {conv_impl!r}')
+  return impls
+
+
+def conv_impl_name(conv_impl) -> str:
+  """A model's conv_impl as config.conv_impl spells it ('onednn,onednn,winograd,winograd')."""
+  return conv_impl if isinstance(conv_impl, str) else ','.join(conv_impl)
 
 
 class Conv3x3(nn.Module):
@@ -54,6 +70,8 @@ the same function, at different speeds per backend."""
           dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     elif self.impl == 'shifted_matmul':
       y = conv3x3_shifted_matmul(x, kernel)
+    elif self.impl == 'winograd':
+      y = conv3x3_winograd(x, kernel)
     else:
       raise ValueError(f'conv_impl must be one of {CONV_IMPLS}, got {self.impl!r}')
     return y + bias
@@ -109,8 +127,9 @@ class DeepDigitsCNN(nn.Module):
     num_classes: size of the output layer.
     dtype: computation dtype of activations and matmuls; parameters stay float32.
     conv_impl: 'native' (lax convolution, best on TPU/GPU), 'shifted_matmul' (one GEMM
-      over nine shifted views) or 'onednn' (oneDNN's convolutions, CPU only; bfloat16
-      where the CPU has bf16 instructions).
+      over nine shifted views), 'onednn' (oneDNN's convolutions, CPU only; bfloat16
+      where the CPU has bf16 instructions) or 'winograd' (F(2x2, 3x3) tiles on XLA's
+      matmuls); one name for every convolution, or a tuple of one per CONV_LAYERS.
     pool_impl: 'native' (nn.max_pool) or 'strided_views' (faster gradient on CPU).
     bn_momentum: BatchNorm running-average momentum (Keras default 0.99).
     bn_epsilon: BatchNorm epsilon (Keras default 1e-3).
@@ -121,7 +140,7 @@ class DeepDigitsCNN(nn.Module):
   """
   num_classes: int = 10
   dtype: Any = jnp.float32
-  conv_impl: str = 'native'
+  conv_impl: str | tuple[str, ...] = 'native'
   pool_impl: str = 'native'
   bn_momentum: float = 0.99
   bn_epsilon: float = 1e-3
@@ -141,8 +160,9 @@ class DeepDigitsCNN(nn.Module):
           epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=jnp.float32, name=name)
     dropout = lambda rate: nn.Dropout(
         rate, deterministic=not (train and self.use_dropout))
+    impls = dict(zip((name for name, _, _ in CONV_LAYERS), layer_conv_impls(self.conv_impl)))
     conv = lambda features, name: Conv3x3(
-        features, impl=self.conv_impl, dtype=self.dtype, name=name)
+        features, impl=impls[name], dtype=self.dtype, name=name)
     # In bfloat16 the matmuls accumulate and return float32 (and so do their gradients,
     # which XLA:CPU computes much faster than a bfloat16 result).
     dot_general = (functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from deepdigits.data import IMAGE_SHAPE
-from deepdigits.model import CONV_IMPLS, DeepDigitsCNN
+from deepdigits.model import CONV_IMPLS, CONV_LAYERS, DeepDigitsCNN
 from deepdigits.ops import onednn_conv
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -36,7 +36,25 @@ def available_conv_impls() -> tuple[str, ...]:
   return tuple(i for i in CONV_IMPLS if i != 'onednn' or onednn_conv.is_available())
 
 
-def resolve_impl(impl: str, cpu_choice: str, differentiated: bool) -> str:
+def config_conv_impls(conv_impl: str) -> tuple[str, ...]:
+  """The names in `config.conv_impl`: 'auto', one implementation for every convolution,
+  or one per convolution separated by commas ('onednn,onednn,winograd,winograd')."""
+  names = tuple(name.strip() for name in conv_impl.split(','))
+  return names if len(names) > 1 else names * len(CONV_LAYERS)
+
+
+def conv_impl_problem(conv_impl: str) -> Optional[str]:
+  """Why `config.conv_impl` names no implementation for each convolution, or None."""
+  names = config_conv_impls(conv_impl)
+  if len(names) != len(CONV_LAYERS):
+    return (f'names {len(names)} implementations: give one for every convolution, or one '
+            f'for each of the {len(CONV_LAYERS)} ({", ".join(n for n, _, _ in CONV_LAYERS)})')
+  if unknown := [n for n in names if n not in CONV_IMPLS + ('auto',)]:
+    return f'names {unknown[0]!r}: use one of {CONV_IMPLS + ("auto",)}'
+  return None
+
+
+def resolve_impl(impl: str, cpu_choice, differentiated: bool):
   """'auto' is XLA's own op, except in the differentiated (training) pass on CPU, where
   XLA's convolution and pooling gradients are slow and `cpu_choice` is the same function
   computed faster. Forward-only passes (evaluation) are fastest native on CPU too."""
@@ -45,17 +63,32 @@ def resolve_impl(impl: str, cpu_choice: str, differentiated: bool) -> str:
   return cpu_choice if differentiated and jax.default_backend() == 'cpu' else 'native'
 
 
-def cpu_conv_choice(dtype: str) -> str:
-  """oneDNN's convolutions where they run, else the shifted-view matmuls."""
-  return 'shifted_matmul' if onednn_problem(dtype) else 'onednn'
+def cpu_conv_choice(dtype: str, in_features: int) -> str:
+  """The fastest differentiated convolution on CPU for a layer with this many input
+  features (docs/speed.md, `python -m deepdigits.tools.conv_benchmark`): in float32,
+  Winograd's tiles from 64 input features up (conv3 and conv4), below that oneDNN's
+  direct convolutions (or, where they do not run, the shifted-view matmuls for one input
+  feature and Winograd for more); in bfloat16, oneDNN's where the CPU has bf16
+  instructions, else the shifted-view matmuls."""
+  onednn = onednn_problem(dtype) is None
+  if dtype != 'float32':
+    return 'onednn' if onednn else 'shifted_matmul'
+  if in_features >= 64:
+    return 'winograd'
+  if onednn:
+    return 'onednn'
+  return 'shifted_matmul' if in_features == 1 else 'winograd'
 
 
 def make_model(config, differentiated: bool = True) -> DeepDigitsCNN:
   """The network for the train step (differentiated) or for evaluation; both compute the
   same function with the same parameters."""
+  conv_impl = tuple(
+      resolve_impl(impl, cpu_conv_choice(config.dtype, in_features), differentiated)
+      for impl, (_, in_features, _) in zip(config_conv_impls(config.conv_impl), CONV_LAYERS))
   return DeepDigitsCNN(
       dtype=DTYPES[config.dtype],
-      conv_impl=resolve_impl(config.conv_impl, cpu_conv_choice(config.dtype), differentiated),
+      conv_impl=conv_impl[0] if len(set(conv_impl)) == 1 else conv_impl,
       pool_impl=resolve_impl(config.pool_impl, 'strided_views', differentiated),
       bn_group_size=config.bn_group_size)
 

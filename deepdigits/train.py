@@ -29,7 +29,7 @@ from deepdigits.data import load_datasets, scale_images
 from deepdigits.errors import ConfigError
 from deepdigits.evaluate import BatchNormRecalibrator, Evaluator, evaluate_splits
 from deepdigits.metrics_log import EpochProgress, MetricsLog
-from deepdigits.model import l2_penalty
+from deepdigits.model import conv_impl_name, l2_penalty
 from deepdigits.preemption import PreemptionGuard
 from deepdigits.train_state import (
   TrainState,
@@ -409,8 +409,8 @@ def describe_run(config, model, eval_model, mesh, state, datasets, steps_per_epo
   lines = [
       f'DeepDigitsCNN: {params + stats:,} numbers ({params:,} trained parameters + '
       f'{stats:,} BatchNorm running statistics), dtype {config.dtype}, '
-      f'conv {model.conv_impl}, pool {model.pool_impl} (evaluation: conv '
-      f'{eval_model.conv_impl}, pool {eval_model.pool_impl})',
+      f'conv {conv_impl_name(model.conv_impl)}, pool {model.pool_impl} (evaluation: conv '
+      f'{conv_impl_name(eval_model.conv_impl)}, pool {eval_model.pool_impl})',
       f'mesh: {mesh.size} x {jax.devices()[0].device_kind} over {jax.process_count()} '
       f'process(es); data: {sizes}',
       f'{config.num_epochs} epochs x {steps_per_epoch} steps of {config.batch_size} images',

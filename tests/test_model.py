@@ -16,6 +16,7 @@ from deepdigits.model import L2_REGULARIZED_KERNELS, DeepDigitsCNN, PerGroupBatc
 from deepdigits.ops import onednn_conv
 from deepdigits.ops.conv import conv3x3_shifted_matmul
 from deepdigits.ops.pool import max_pool_2x2_strided
+from deepdigits.ops.winograd import conv3x3_winograd
 
 
 @pytest.fixture(scope='module')
@@ -79,8 +80,9 @@ def test_shifted_matmul_conv_equals_lax_conv(cin, cout, size):
                              rtol=1e-4, atol=1e-4)
 
 
-def _conv_outputs_and_gradients(conv, x, kernel, bias, cotangent):
-  y, vjp = jax.vjp(conv, x, kernel, bias)
+def _conv_outputs_and_gradients(conv, *operands_and_cotangent):
+  *operands, cotangent = operands_and_cotangent
+  y, vjp = jax.vjp(conv, *operands)
   return y, vjp(cotangent.astype(y.dtype))
 
 
@@ -110,6 +112,29 @@ def test_onednn_conv_gives_lax_convs_outputs_and_gradients(cin, cout, size):
     scale = float(jnp.abs(g_native).max())
     np.testing.assert_allclose(g_onednn / scale, g_native / scale, atol=1e-5)
   assert 'avx' in onednn_conv.implementations(3, size, size, cin, cout)  # not a ref kernel
+
+
+# The network's layers, then odd output sizes (computed one larger and cut back) and the
+# smallest input.
+@pytest.mark.parametrize('cin,cout,height,width', [
+    (1, 32, 28, 28), (32, 64, 26, 26), (64, 128, 12, 12), (128, 256, 10, 10),
+    (3, 5, 9, 12), (4, 6, 11, 7), (2, 2, 3, 3)])
+def test_winograd_conv_gives_lax_convs_outputs_and_gradients(cin, cout, height, width):
+  kx, kk, kg = jax.random.split(jax.random.PRNGKey(cin), 3)
+  x = jax.random.normal(kx, (3, height, width, cin))
+  kernel = jax.random.normal(kk, (3, 3, cin, cout)) / np.sqrt(9 * cin)
+  cotangent = jax.random.normal(kg, (3, height - 2, width - 2, cout))
+  native = lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      precision=jax.lax.Precision.HIGHEST)
+  y_native, grads_native = _conv_outputs_and_gradients(native, x, kernel, cotangent)
+  y, grads = _conv_outputs_and_gradients(jax.jit(conv3x3_winograd), x, kernel, cotangent)
+  # Measured: at most 1.3e-6 of the largest value, in outputs and both gradients (float32
+  # rounding; a wrong sign in any one transform is off by 1 or more).
+  for got, want in zip((y,) + grads, (y_native,) + grads_native):
+    assert got.shape == want.shape
+    scale = float(jnp.abs(want).max())
+    np.testing.assert_allclose(got / scale, want / scale, atol=1e-5)
 
 
 def require_onednn_bf16() -> None:
@@ -194,8 +219,10 @@ def test_conv_impls_give_the_same_network_outputs_and_gradients(variables):
     return jax.jit(jax.value_and_grad(loss))(variables['params'])
 
   (loss_native, grads_native) = loss_and_grads('native', 'native')
-  for conv_impl in ('shifted_matmul', 'onednn') if onednn_conv.is_available() or os.environ.get(
-      'DEEPDIGITS_REQUIRE_ONEDNN') else ('shifted_matmul',):
+  others = ['shifted_matmul', 'winograd', ('shifted_matmul', 'winograd', 'native', 'winograd')]
+  if onednn_conv.is_available() or os.environ.get('DEEPDIGITS_REQUIRE_ONEDNN'):
+    others += ['onednn', ('onednn', 'onednn', 'winograd', 'winograd')]
+  for conv_impl in others:
     (loss_other, grads_other) = loss_and_grads(conv_impl, 'strided_views')
     np.testing.assert_allclose(loss_native, loss_other, rtol=1e-5)
     for g_native, g_other in zip(jax.tree.leaves(grads_native), jax.tree.leaves(grads_other)):

@@ -206,7 +206,12 @@ def test_bad_config_values_fail_with_clear_errors():
                                 ('seed', -1, r'seed=-1 must be in \[0, 2\*\*32\)'),
                                 ('seed', 2**32, r'seed=4294967296 must be in \[0, 2\*\*32\)'),
                                 ('dtype', 'float16', "dtype='float16': use one of"),
-                                ('conv_impl', 'fft', "conv_impl='fft': use one of"),
+                                ('conv_impl', 'fft', "conv_impl='fft' names 'fft': use one of"),
+                                ('conv_impl', 'onednn,winograd',
+                                 "conv_impl='onednn,winograd' names 2 implementations: give "
+                                 'one for every convolution, or one for each of the 4'),
+                                ('conv_impl', 'native,native,fft,native',
+                                 "names 'fft': use one of"),
                                 ('width_normalization', 29,
                                  'width_normalization=29 must be 0 .off. or a width'),
                                 ('bn_group_size', -8, 'bn_group_size=-8 must be >= 0'),
@@ -222,8 +227,17 @@ def test_onednn_convs_are_refused_where_they_cannot_run_and_auto_avoids_them():
   with pytest.raises(ConfigError, match="conv_impl='onednn' needs one CPU device per "
                                         'process, not 8'):
     config_checks.check_values(tiny_config('', conv_impl='onednn'))
-  assert model_factory.make_model(tiny_config('')).conv_impl == 'shifted_matmul'
+  with pytest.raises(ConfigError, match="conv_impl='onednn,onednn,winograd,winograd' needs "
+                                        'one CPU device per process, not 8'):
+    config_checks.check_values(tiny_config('', conv_impl='onednn,onednn,winograd,winograd'))
+  assert model_factory.make_model(tiny_config('')).conv_impl == (
+      'shifted_matmul', 'winograd', 'winograd', 'winograd')
   assert model_factory.make_model(tiny_config(''), differentiated=False).conv_impl == 'native'
+  # Named per layer, as given.
+  config_checks.check_values(tiny_config('', conv_impl='native, shifted_matmul,auto,winograd'))
+  assert model_factory.make_model(tiny_config(
+      '', conv_impl='native, shifted_matmul,auto,winograd')).conv_impl == (
+          'native', 'shifted_matmul', 'winograd', 'winograd')
 
 
 def test_without_the_built_onednn_convs_auto_falls_back_and_onednn_says_why(monkeypatch):
@@ -231,7 +245,8 @@ def test_without_the_built_onednn_convs_auto_falls_back_and_onednn_says_why(monk
   monkeypatch.setattr(model_factory.onednn_conv, 'is_available', lambda: False)
   monkeypatch.setattr(model_factory.onednn_conv, 'unavailable_reason',
                       lambda: 'deepdigits/ops/onednn_conv.cc was not built')
-  assert model_factory.make_model(tiny_config('')).conv_impl == 'shifted_matmul'
+  assert model_factory.make_model(tiny_config('')).conv_impl == (
+      'shifted_matmul', 'winograd', 'winograd', 'winograd')
   with pytest.raises(ConfigError, match="conv_impl='onednn' is not available: "
                                         'deepdigits/ops/onednn_conv.cc was not built'):
     config_checks.check_values(tiny_config('', conv_impl='onednn'))
@@ -248,29 +263,33 @@ def test_bf16_onednn_convs_are_refused_on_a_cpu_without_bf16_instructions(monkey
       "brgconv:avx512_core): use dtype='float32', or conv_impl='auto'.")):
     config_checks.check_values(tiny_config('', conv_impl='onednn', dtype='bfloat16'))
   config_checks.check_values(tiny_config('', conv_impl='onednn'))  # float32 runs
-  # 'auto' trains bfloat16 on the shifted-view matmuls there, float32 on oneDNN.
+  # 'auto' trains bfloat16 on the shifted-view matmuls there, float32 on oneDNN and
+  # Winograd's tiles.
   assert model_factory.make_model(tiny_config('', dtype='bfloat16')).conv_impl == (
       'shifted_matmul')
-  assert model_factory.make_model(tiny_config('')).conv_impl == 'onednn'
+  assert model_factory.make_model(tiny_config('')).conv_impl == (
+      'onednn', 'onednn', 'winograd', 'winograd')
 
 
 def test_auto_picks_onednn_convs_on_one_cpu_device():
   """On the machine as it is (one CPU device), `auto` picks the built oneDNN kernels
-  (test_main.py's end-to-end run trains with them to 95%), in bfloat16 too where the
-  CPU has bf16 instructions."""
+  for the first two convolutions and Winograd's tiles for the last two (test_main.py's
+  end-to-end run trains with them to 95%), and oneDNN's for all four in bfloat16 where
+  the CPU has bf16 instructions."""
   require_onednn()
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   script = ('import jax; from configs import default; from deepdigits import model_factory; '
             'from deepdigits.ops import onednn_conv; '
             'fp32 = default.get_config(); bf16 = default.get_config(); '
             "bf16.dtype = 'bfloat16'; "
-            'print(jax.local_device_count(), model_factory.make_model(fp32).conv_impl, '
-            'model_factory.make_model(bf16).conv_impl, onednn_conv.bf16_problem() is None)')
+            'from deepdigits.model import conv_impl_name as name; '
+            'print(jax.local_device_count(), name(model_factory.make_model(fp32).conv_impl), '
+            'name(model_factory.make_model(bf16).conv_impl), onednn_conv.bf16_problem() is None)')
   result = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   count, fp32, bf16, bf16_runs = result.stdout.split()
-  assert (count, fp32) == ('1', 'onednn')
+  assert (count, fp32) == ('1', 'onednn,onednn,winograd,winograd')
   assert bf16 == ('onednn' if bf16_runs == 'True' else 'shifted_matmul'), result.stdout
 
 

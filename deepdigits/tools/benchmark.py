@@ -23,6 +23,7 @@ from deepdigits import config_checks, input_pipeline, model_factory, sharding, t
 from deepdigits.cli import loaded_config, run_command
 from deepdigits.data import IMAGE_SHAPE, Split, read_idx_split
 from deepdigits.evaluate import Evaluator
+from deepdigits.model import CONV_LAYERS, conv_impl_name, layer_conv_impls
 from deepdigits.ops import onednn_conv
 from deepdigits.tools.conv_benchmark import conv_layers
 
@@ -131,8 +132,8 @@ def run_benchmark(config, steps: int, windows: int, eval_batches: int,
   eval_rate = [len(eval_split) / s for s in eval_seconds]
   result = {
       'devices': jax.device_count(), 'device_kind': jax.devices()[0].device_kind,
-      'dtype': config.dtype, 'conv_impl': model.conv_impl, 'pool_impl': model.pool_impl,
-      'eval_conv_impl': eval_model.conv_impl,
+      'dtype': config.dtype, 'conv_impl': conv_impl_name(model.conv_impl),
+      'pool_impl': model.pool_impl, 'eval_conv_impl': conv_impl_name(eval_model.conv_impl),
       'input_pipeline': feed.kind, 'batch_size': config.batch_size,
       'eval_batch_size': config.eval_batch_size,
       'train_compile_seconds': compile_seconds,
@@ -148,11 +149,12 @@ def run_benchmark(config, steps: int, windows: int, eval_batches: int,
       'eval_images_per_second': statistics.median(eval_rate),
       'peak_host_memory_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
   }
-  if model.conv_impl == 'onednn':  # which of oneDNN's kernels (and instructions) ran
+  impls = dict(zip((name for name, _, _ in CONV_LAYERS), layer_conv_impls(model.conv_impl)))
+  if 'onednn' in impls.values():  # which of oneDNN's kernels (and instructions) ran
     result['onednn_kernels'] = {
         layer.name: onednn_conv.implementations(*layer.input_shape, layer.features,
                                                 dtype=config.dtype)
-        for layer in conv_layers(config)}
+        for layer in conv_layers(config) if impls[layer.name] == 'onednn'}
   r = result
   print(f"deepdigits benchmark: {r['devices']} x {r['device_kind']}, dtype {r['dtype']}, "
         f"conv {r['conv_impl']}, pool {r['pool_impl']} (eval conv {r['eval_conv_impl']}), "
