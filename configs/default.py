@@ -40,9 +40,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.dtype = 'float32'
   # Convolution algorithm: 'native' (lax.conv), 'shifted_matmul' (one GEMM over the
   # nine shifted views, faster on CPU), 'onednn' (oneDNN's convolutions through XLA FFI:
-  # CPU, one device per process; bfloat16 only with AVX512-BF16 or AMX), or 'auto': in
-  # the train step on CPU onednn where it runs, else shifted_matmul; native for
-  # evaluation and on TPU/GPU.
+  # CPU, one device per process; bfloat16 only with AVX512-BF16 or AMX), 'winograd'
+  # (F(2x2, 3x3) tiles on XLA's matmuls), or 'auto': in the train step on CPU, in
+  # float32 onednn for conv1 and conv2 where it runs (else shifted_matmul, winograd) and
+  # winograd for conv3 and conv4, in bfloat16 onednn where it runs, else shifted_matmul;
+  # native for evaluation and on TPU/GPU. One name for all four convolutions, or four
+  # separated by commas ('onednn,onednn,winograd,winograd').
   config.conv_impl = 'auto'
   # Max-pool algorithm: 'native' (nn.max_pool), 'strided_views' (elementwise over four
   # strided views, same gradients, faster on CPU), or 'auto' (strided_views on CPU).

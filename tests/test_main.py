@@ -126,9 +126,11 @@ def test_end_to_end_on_real_mnist_reaches_95_percent(mnist_dir, tmp_path):
                     f'--config.data_dir={mnist_dir}', '--config.num_epochs=1',
                     '--config.train_subset=8192', '--config.batch_size=64', devices=1)
   assert result.returncode == 0, result.stderr[-2000:]
-  # With the oneDNN convolutions built, `auto` trains with them here (one CPU device).
+  # With the oneDNN convolutions built, `auto` trains conv1-2 with them here (one CPU
+  # device), and conv3-4 as Winograd tiles.
   if onednn_conv.is_available() or os.environ.get('DEEPDIGITS_REQUIRE_ONEDNN'):
-    assert ', conv onednn, pool strided_views (evaluation: conv native' in result.stdout
+    assert (', conv onednn,onednn,winograd,winograd, pool strided_views (evaluation: conv '
+            'native') in result.stdout
   (record,) = read_metrics(tmp_path)
   assert record['step'] == 128 and record['test_examples'] == 10_000
   assert record['test_accuracy_recalibrated'] >= 0.95, record
