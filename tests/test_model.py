@@ -12,11 +12,18 @@ import pytest
 from conftest import require_onednn, tiny_config
 from deepdigits import sharding, train_state
 from deepdigits import train as trainer
-from deepdigits.model import L2_REGULARIZED_KERNELS, DeepDigitsCNN, PerGroupBatchNorm, l2_penalty
+from deepdigits.model import (
+  CONV_LAYERS,
+  L2_REGULARIZED_KERNELS,
+  DeepDigitsCNN,
+  PerGroupBatchNorm,
+  l2_penalty,
+)
 from deepdigits.ops import onednn_conv
 from deepdigits.ops.conv import conv3x3_shifted_matmul
 from deepdigits.ops.pool import max_pool_2x2_strided
 from deepdigits.ops.winograd import conv3x3_winograd
+from deepdigits.tools.conv_benchmark import conv_layers
 
 
 @pytest.fixture(scope='module')
@@ -112,6 +119,15 @@ def test_onednn_conv_gives_lax_convs_outputs_and_gradients(cin, cout, size):
     scale = float(jnp.abs(g_native).max())
     np.testing.assert_allclose(g_onednn / scale, g_native / scale, atol=1e-5)
   assert 'avx' in onednn_conv.implementations(3, size, size, cin, cout)  # not a ref kernel
+
+
+def test_conv_layers_lists_the_networks_convolutions_for_per_layer_impls():
+  traced = [(layer.name, layer.input_shape[-1], layer.features)
+            for layer in conv_layers(tiny_config(''))]
+  assert traced == list(CONV_LAYERS)
+  with pytest.raises(ValueError, match='conv_impl needs one name or 4'):
+    DeepDigitsCNN(conv_impl=('native', 'winograd')).init(
+        jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)
 
 
 # The network's layers, then odd output sizes (computed one larger and cut back) and the
