@@ -35,12 +35,12 @@ def max_pool_2x2(x: jax.Array, impl: str) -> jax.Array:
   raise ValueError(f'pool_impl must be one of {POOL_IMPLS}, got {impl!r}')
 
 
-def layer_conv_impls(conv_impl) -> tuple[str, ...]:
-  """One implementation per convolution (CONV_LAYERS) from one name or one per layer."""
+def layer_conv_impls(conv_impl) -> dict[str, str]:
+  """{convolution name: implementation} (CONV_LAYERS) from one name or one per layer."""
   impls = (conv_impl,) * len(CONV_LAYERS) if isinstance(conv_impl, str) else tuple(conv_impl)
   if len(impls) != len(CONV_LAYERS):
     raise ValueError(f'conv_impl needs one name or {len(CONV_LAYERS)}, got {conv_impl!r}')
-  return impls
+  return {name: impl for (name, _, _), impl in zip(CONV_LAYERS, impls)}
 
 
 def conv_impl_name(conv_impl) -> str:
@@ -160,7 +160,7 @@ class DeepDigitsCNN(nn.Module):
           epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=jnp.float32, name=name)
     dropout = lambda rate: nn.Dropout(
         rate, deterministic=not (train and self.use_dropout))
-    impls = dict(zip((name for name, _, _ in CONV_LAYERS), layer_conv_impls(self.conv_impl)))
+    impls = layer_conv_impls(self.conv_impl)
     conv = lambda features, name: Conv3x3(
         features, impl=impls[name], dtype=self.dtype, name=name)
     # In bfloat16 the matmuls accumulate and return float32 (and so do their gradients,

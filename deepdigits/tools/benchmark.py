@@ -23,7 +23,7 @@ from deepdigits import config_checks, input_pipeline, model_factory, sharding, t
 from deepdigits.cli import loaded_config, run_command
 from deepdigits.data import IMAGE_SHAPE, Split, read_idx_split
 from deepdigits.evaluate import Evaluator
-from deepdigits.model import CONV_LAYERS, conv_impl_name, layer_conv_impls
+from deepdigits.model import conv_impl_name, layer_conv_impls
 from deepdigits.ops import onednn_conv
 from deepdigits.tools.conv_benchmark import conv_layers
 
@@ -149,7 +149,7 @@ def run_benchmark(config, steps: int, windows: int, eval_batches: int,
       'eval_images_per_second': statistics.median(eval_rate),
       'peak_host_memory_gib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
   }
-  impls = dict(zip((name for name, _, _ in CONV_LAYERS), layer_conv_impls(model.conv_impl)))
+  impls = layer_conv_impls(model.conv_impl)
   if 'onednn' in impls.values():  # which of oneDNN's kernels (and instructions) ran
     result['onednn_kernels'] = {
         layer.name: onednn_conv.implementations(*layer.input_shape, layer.features,
