@@ -364,6 +364,21 @@ def test_a_nonfinite_update_leaves_the_state_as_it_was_from_then_on(batch, poiso
   jax.tree.map(np.testing.assert_array_equal, _frozen_fields(state), before)
 
 
+def test_all_finite_sees_a_nan_or_inf_in_any_float_leaf_and_ignores_integers():
+  tree = {'a': jnp.ones((3, 4)), 'b': [jnp.zeros(5, jnp.bfloat16), jnp.ones(())],
+          'c': jnp.arange(6, dtype=jnp.int32).reshape(2, 3), 'd': jnp.full((2, 2, 2), 7.0)}
+  check = jax.jit(train.all_finite)
+  assert bool(check(tree))
+  leaves, treedef = jax.tree.flatten(tree)
+  for i, leaf in enumerate(leaves):
+    if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+      continue
+    for bad in (np.nan, np.inf, -np.inf):
+      poisoned = list(leaves)
+      poisoned[i] = leaf.ravel().at[-1].set(bad).reshape(leaf.shape)
+      assert not bool(check(jax.tree.unflatten(treedef, poisoned))), (i, bad)
+
+
 def program_without_debug_info(hlo: str) -> str:
   """An HLO module's text without its source locations (their tables and each
   instruction's metadata), which the compilation cache's key leaves out too."""
