@@ -7,10 +7,12 @@ input tiles and the kernel are each mapped to 16 values (B^T d B and G g G^T), m
 position by position over channels (16 [tiles, in] x [in, out] matmuls), and the products
 mapped back to 2x2 outputs (A^T m A). In exact arithmetic this is the convolution; in
 float32 the results differ from a direct convolution's by rounding (up to about 1e-6 of
-the largest value here, `tests/test_model.py`). The gradients are Winograd convolutions
-too: the input gradient is the full convolution of the output gradient with the flipped
-kernel, the kernel gradient 16 [in, tiles] x [tiles, out] matmuls of the saved input
-tiles (4x the input's size, kept for the backward pass).
+the largest value here, `tests/test_model.py`). The gradients run the same tiles
+backwards: the output gradient is mapped to 16 values per tile (A g A^T), then the
+kernel gradient is 16 [in, tiles] x [tiles, out] matmuls with the saved input tiles (4x
+the input's size, kept for the backward pass) and the input gradient 16 [tiles, out] x
+[out, in] matmuls with the saved kernel tiles, mapped back (B v B^T) and added where the
+tiles overlap: the transpose of the forward map, with as many multiplies as it.
 
 On CPU it is the fastest of the implementations for the layers with many input channels
 (conv3 and conv4 of this network, `python -m deepdigits.tools.conv_benchmark`); with few
@@ -24,6 +26,10 @@ import jax.numpy as jnp
 # The transforms of F(2x2, 3x3), each applied along one axis of a tile:
 def _input_1d(d0, d1, d2, d3):   # B^T: 4 input values -> 4
   return [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
+
+
+def _input_1d_t(v0, v1, v2, v3):   # B: 4 -> 4 input values (the input gradient)
+  return [v0, v1 - v2 + v3, v1 + v2 - v0, -v3]
 
 
 def _kernel_1d(g0, g1, g2):      # G: 3 kernel taps -> 4
@@ -72,6 +78,24 @@ def _outputs(products: list, n: int, th: int, tw: int) -> jax.Array:
   return jnp.stack([jnp.stack(row, 3) for row in y], 2).reshape(n, 2 * th, 2 * tw, -1)
 
 
+def _input_gradient(tile_grads: list, n: int, th: int, tw: int) -> jax.Array:
+  """The transpose of `_input_tiles`: 16 arrays [N * tiles, C] -> [N, 2 th + 2, 2 tw + 2,
+  C], B v B^T of each tile added into the input where the tiles overlap."""
+  grid = _both_axes(_input_1d_t, [[tile_grads[4 * i + j].reshape(n, th, tw, -1)
+                                   for j in range(4)] for i in range(4)])
+  # Tile (i, j)'s value (a, b) lands on input row 2 i + a, column 2 j + b. With a = 2 p
+  # + q and b = 2 r + s, that is row pair i + p, row q within it (and so for columns):
+  # each (p, r) is a [N, th, 2, tw, 2, C] block shifted by one pair or none.
+  total = 0
+  for p in range(2):
+    for r in range(2):
+      block = jnp.stack([jnp.stack([grid[2 * p + q][2 * r + s] for s in range(2)], 3)
+                         for q in range(2)], 2)
+      total = total + jnp.pad(block, ((0, 0), (p, 1 - p), (0, 0), (r, 1 - r), (0, 0),
+                                      (0, 0)))
+  return total.reshape(n, 2 * th + 2, 2 * tw + 2, -1)
+
+
 def _output_gradient_tiles(g: jax.Array) -> list:
   """The transpose of `_outputs`: [N, 2 th, 2 tw, O] -> 16 arrays [N * tiles, O]."""
   n, h, w, o = g.shape
@@ -81,11 +105,11 @@ def _output_gradient_tiles(g: jax.Array) -> list:
 
 
 def _conv(x: jax.Array, kernel: jax.Array):
-  """(the convolution, the input tiles it multiplied)."""
+  """(the convolution, the input tiles and kernel tiles it multiplied)."""
   n, h, w, _ = x.shape
-  tiles = _input_tiles(x)
-  products = [t @ k for t, k in zip(tiles, _kernel_tiles(kernel))]
-  return _outputs(products, n, (h - 2) // 2, (w - 2) // 2), tiles
+  tiles, kernel_tiles = _input_tiles(x), _kernel_tiles(kernel)
+  products = [t @ k for t, k in zip(tiles, kernel_tiles)]
+  return _outputs(products, n, (h - 2) // 2, (w - 2) // 2), tiles, kernel_tiles
 
 
 @jax.custom_vjp
@@ -94,18 +118,18 @@ def _conv_even(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 def _conv_even_fwd(x, kernel):
-  y, tiles = _conv(x, kernel)
-  return y, (tiles, kernel)
+  y, tiles, kernel_tiles = _conv(x, kernel)
+  return y, (tiles, kernel_tiles)
 
 
 def _conv_even_bwd(residuals, g):
-  tiles, kernel = residuals
-  products = [t.T @ d for t, d in zip(tiles, _output_gradient_tiles(g))]
+  tiles, kernel_tiles = residuals
+  n, h, w, _ = g.shape
+  g_tiles = _output_gradient_tiles(g)
+  products = [t.T @ d for t, d in zip(tiles, g_tiles)]
   kernel_grad = _both_axes(_kernel_1d_t, [products[4 * i:4 * i + 4] for i in range(4)])
-  # The input gradient: the full convolution of g with the kernel flipped, in and out
-  # swapped (g padded by 2 on every side has even output sizes too).
-  padded = jnp.pad(g, ((0, 0), (2, 2), (2, 2), (0, 0)))
-  x_grad = _conv(padded, jnp.flip(kernel, (0, 1)).swapaxes(2, 3))[0]
+  x_grad = _input_gradient([d @ k.T for d, k in zip(g_tiles, kernel_tiles)], n, h // 2,
+                           w // 2)
   return x_grad, jnp.stack([jnp.stack(row) for row in kernel_grad])
 
 
