@@ -58,6 +58,11 @@ def _flat(grid):
   return [a for row in grid for a in row]
 
 
+def _grid(flat: list) -> list:
+  """The inverse of `_flat`: 16 arrays -> a 4x4 grid ([row][column])."""
+  return [flat[4 * i:4 * i + 4] for i in range(4)]
+
+
 def _input_tiles(x: jax.Array) -> list:
   """[N, H, W, C] with H - 2 and W - 2 even -> 16 arrays [N * tiles, C], B^T d B."""
   n, h, w, c = x.shape
@@ -73,7 +78,7 @@ def _kernel_tiles(kernel: jax.Array) -> list:
 
 def _outputs(products: list, n: int, th: int, tw: int) -> jax.Array:
   """16 arrays [N * tiles, O] -> [N, 2 th, 2 tw, O], A^T m A."""
-  grid = [[products[4 * i + j].reshape(n, th, tw, -1) for j in range(4)] for i in range(4)]
+  grid = _grid([p.reshape(n, th, tw, -1) for p in products])
   y = _both_axes(_output_1d, grid)  # y[p][q]: output row p, column q of every 2x2 block
   return jnp.stack([jnp.stack(row, 3) for row in y], 2).reshape(n, 2 * th, 2 * tw, -1)
 
@@ -81,8 +86,7 @@ def _outputs(products: list, n: int, th: int, tw: int) -> jax.Array:
 def _input_gradient(tile_grads: list, n: int, th: int, tw: int) -> jax.Array:
   """The transpose of `_input_tiles`: 16 arrays [N * tiles, C] -> [N, 2 th + 2, 2 tw + 2,
   C], B v B^T of each tile added into the input where the tiles overlap."""
-  grid = _both_axes(_input_1d_t, [[tile_grads[4 * i + j].reshape(n, th, tw, -1)
-                                   for j in range(4)] for i in range(4)])
+  grid = _both_axes(_input_1d_t, _grid([t.reshape(n, th, tw, -1) for t in tile_grads]))
   # Tile (i, j)'s value (a, b) lands on input row 2 i + a, column 2 j + b. With a = 2 p
   # + q and b = 2 r + s, that is row pair i + p, row q within it (and so for columns):
   # each (p, r) is a [N, th, 2, tw, 2, C] block shifted by one pair or none.
@@ -127,7 +131,7 @@ def _conv_even_bwd(residuals, g):
   n, h, w, _ = g.shape
   g_tiles = _output_gradient_tiles(g)
   products = [t.T @ d for t, d in zip(tiles, g_tiles)]
-  kernel_grad = _both_axes(_kernel_1d_t, [products[4 * i:4 * i + 4] for i in range(4)])
+  kernel_grad = _both_axes(_kernel_1d_t, _grid(products))
   x_grad = _input_gradient([d @ k.T for d, k in zip(g_tiles, kernel_tiles)], n, h // 2,
                            w // 2)
   return x_grad, jnp.stack([jnp.stack(row) for row in kernel_grad])
