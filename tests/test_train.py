@@ -365,8 +365,10 @@ def test_a_nonfinite_update_leaves_the_state_as_it_was_from_then_on(batch, poiso
 
 
 def test_all_finite_sees_a_nan_or_inf_in_any_float_leaf_and_ignores_integers():
+  # Leaves of one shape are checked together: 'a' and both of 'e', of two dtypes.
   tree = {'a': jnp.ones((3, 4)), 'b': [jnp.zeros(5, jnp.bfloat16), jnp.ones(())],
-          'c': jnp.arange(6, dtype=jnp.int32).reshape(2, 3), 'd': jnp.full((2, 2, 2), 7.0)}
+          'c': jnp.arange(6, dtype=jnp.int32).reshape(2, 3), 'd': jnp.full((2, 2, 2), 7.0),
+          'e': [jnp.full((3, 4), 2.0), jnp.ones((3, 4), jnp.bfloat16)]}
   check = jax.jit(train.all_finite)
   assert bool(check(tree))
   leaves, treedef = jax.tree.flatten(tree)
