@@ -80,6 +80,9 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any,
   """The newest readable checkpoint, restored with the shapes, dtypes and shardings of
   `target`, or None if there is none.
 
+  `target` may be abstract (`train_state.abstract_train_state`), for commands that only
+  read; the fields a checkpoint predates then stay abstract in the result.
+
   A checkpoint from another model or config raises CheckpointError naming the
   difference; an unreadable (corrupt or half-written) one is moved aside (or, with
   `set_aside=False`, for commands that only read, left where it is) and the previous

@@ -73,7 +73,7 @@ def load_trained(workdir: str, config: Optional[ml_collections.ConfigDict] = Non
             if checkpoint == 'best' else '')
     raise CheckpointError(f'no {directory}{hint}; train there first.')
   mesh = sharding.make_mesh()
-  template = train_state.create_train_state(config, model_factory.make_model(config), mesh)
+  template = train_state.abstract_train_state(config, model_factory.make_model(config), mesh)
   manager = checkpointing.make_manager(workdir, config.max_to_keep, kinds[checkpoint])
   state = checkpointing.restore_latest(manager, template, set_aside=False)  # only reads
   manager.close()

@@ -64,6 +64,23 @@ def create_train_state(config, model: nn.Module, mesh, steps_per_epoch: int = 1,
   """A fresh state from config.seed, replicated over the mesh. The learning-rate
   `schedule` (by default the config's over `steps_per_epoch`) does not change the
   state's structure, so any serves as a template for restoring a checkpoint."""
+  return jax.jit(_init_fn(config, model, steps_per_epoch, schedule),
+                 out_shardings=sharding.replicated(mesh))(jax.random.PRNGKey(config.seed))
+
+
+def abstract_train_state(config, model: nn.Module, mesh) -> TrainState:
+  """The shapes, dtypes and shardings of `create_train_state`'s state, with nothing
+  computed or compiled: the template a command that only reads a checkpoint restores
+  into (the weights' random initialisation alone compiles for 3-5 s of CPU)."""
+  shapes = jax.eval_shape(_init_fn(config, model), jax.random.PRNGKey(config.seed))
+  replicated = sharding.replicated(mesh)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                      shapes)
+
+
+def _init_fn(config, model: nn.Module, steps_per_epoch: int = 1,
+             schedule: Optional[optax.Schedule] = None):
+  """The function of a PRNG key that makes a fresh state (pure)."""
   if schedule is None:
     schedule = learning_rate_schedule(config, steps_per_epoch)
   def init(rng):
@@ -79,8 +96,7 @@ def create_train_state(config, model: nn.Module, mesh, steps_per_epoch: int = 1,
     # A strong int32 step, as a restored checkpoint's: Flax's is a weakly typed 0, and
     # the train step would then compile once for a fresh run and again for a resumed one.
     return state.replace(step=jnp.zeros((), jnp.int32))
-  return jax.jit(init, out_shardings=sharding.replicated(mesh))(
-      jax.random.PRNGKey(config.seed))
+  return init
 
 
 def evaluation_variables(state: TrainState) -> tuple[Any, Any]:

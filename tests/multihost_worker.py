@@ -37,8 +37,8 @@ config.model_summary = False
 config.conv_impl = 'native'
 record = train.train_and_evaluate(config, workdir)
 
-fresh = train_state.create_train_state(config, model_factory.make_model(config),
-                                       sharding.make_mesh())
+fresh = train_state.abstract_train_state(config, model_factory.make_model(config),
+                                         sharding.make_mesh())
 state = checkpointing.restore_latest(checkpointing.make_manager(workdir, 3), fresh)
 leaves = jax.tree_util.tree_flatten_with_path((state.params, state.batch_stats))[0]
 np.savez(out, **{jax.tree_util.keystr(path): np.asarray(leaf.addressable_data(0))

@@ -43,6 +43,18 @@ def test_round_trip_restores_equal_trees(tmp_path):
   # compile a second program for a resumed run.
   kinds = lambda s: [(x.dtype, x.shape, x.weak_type, x.sharding) for x in jax.tree.leaves(s)]
   assert kinds(restored) == kinds(fresh)
+  # The abstract template of the commands that only read (nothing computed) describes
+  # the same state, and restores the same one.
+  abstract = train_state.abstract_train_state(config, model_factory.make_model(config),
+                                              sharding.make_mesh())
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(abstract))
+  described = lambda s: [(jax.tree_util.keystr(path), x.dtype, x.shape, x.sharding)
+                         for path, x in jax.tree_util.tree_flatten_with_path(s)[0]]
+  assert described(abstract) == described(fresh)
+  from_abstract = checkpointing.restore_latest(manager, abstract)
+  fields = lambda s: (s.step, s.params, s.batch_stats, s.opt_state, s.rng, s.epoch_sums)
+  assert_trees_equal(fields(from_abstract), fields(restored))
+  assert kinds(from_abstract) == kinds(fresh)
 
 
 def test_a_checkpoint_written_before_epoch_sums_existed_restores(tmp_path):

@@ -29,8 +29,8 @@ def records(workdir) -> list[dict]:
 
 def latest_state(workdir, config):
   manager = checkpointing.make_manager(str(workdir), max_to_keep=10)
-  state = train_state_lib.create_train_state(config, model_factory.make_model(config),
-                                             sharding.make_mesh())
+  state = train_state_lib.abstract_train_state(config, model_factory.make_model(config),
+                                               sharding.make_mesh())
   try:
     return jax.device_get(checkpointing.restore_latest(manager, state))
   finally:

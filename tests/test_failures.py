@@ -34,7 +34,7 @@ def restore(workdir, config):
   model = model_factory.make_model(config)
   try:
     return checkpointing.restore_latest(
-        manager, train_state.create_train_state(config, model, sharding.make_mesh()))
+        manager, train_state.abstract_train_state(config, model, sharding.make_mesh()))
   finally:
     manager.close()
 

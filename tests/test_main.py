@@ -62,8 +62,8 @@ def test_overrides_take_effect(tiny_mnist_dir, tmp_path):
   config = rundir.read_config(str(tmp_path))
   trained = checkpointing.restore_latest(
       checkpointing.make_manager(str(tmp_path), 3),
-      train_state.create_train_state(config, model_factory.make_model(config),
-                                     sharding.make_mesh()))
+      train_state.abstract_train_state(config, model_factory.make_model(config),
+                                       sharding.make_mesh()))
   seeded = lambda seed: jax.random.split(jax.random.PRNGKey(seed))[1]  # the dropout key
   np.testing.assert_array_equal(trained.rng, seeded(1))
   assert not np.array_equal(trained.rng, seeded(0))

@@ -325,7 +325,7 @@ def test_a_run_with_the_whole_recipe_evaluates_the_averaged_weights(tiny_mnist_d
   # The averaged weights differ from the last trained ones.
   state = checkpointing.restore_latest(
       checkpointing.make_manager(str(tmp_path), 3),
-      train_state.create_train_state(config, model_factory.make_model(config),
+      train_state.abstract_train_state(config, model_factory.make_model(config),
                                        sharding.make_mesh()))
   difference = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), state.ema['params'],
                             state.params)
