@@ -11,7 +11,7 @@ Nothing is ever deleted here: an unreadable checkpoint is moved to
 
 import os
 import shutil
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import orbax.checkpoint as ocp
@@ -185,10 +185,19 @@ class RunCheckpoints:
     self.best = make_manager(workdir, 1, BEST) if keep_best else None
     self.best_so_far = max((selection_metric(r) for r in previous_records), default=-1.0)
 
-  def restore(self, state: Any) -> Any:
-    """The latest readable checkpoint restored into `state`'s structure, or `state`."""
-    restored = restore_latest(self.latest, state)
-    return state if restored is None else restored
+  def restore(self, template: Any, fresh: Callable[[], Any]) -> Any:
+    """The latest readable checkpoint restored into `template`'s structure (abstract, or
+    a state), or else `fresh()`: a fresh state is computed only where it is needed, for a
+    new run or for the fields an older checkpoint predates."""
+    restored = restore_latest(self.latest, template)
+    if restored is None:
+      return fresh()
+    predated = [f for f in LATER_STATE_FIELDS if hasattr(restored, f) and any(
+        isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(getattr(restored, f)))]
+    if predated:
+      new = fresh()
+      restored = restored.replace(**{f: getattr(new, f) for f in predated})
+    return restored
 
   def check_finite(self, state: Any) -> None:
     """Stops the run if a step saw a NaN or Inf; the train step froze the state there."""

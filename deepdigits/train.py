@@ -33,6 +33,7 @@ from deepdigits.model import conv_impl_name, l2_penalty
 from deepdigits.preemption import PreemptionGuard
 from deepdigits.train_state import (
   TrainState,
+  abstract_train_state,
   create_train_state,
   evaluation_variables,
   learning_rate_schedule,
@@ -296,26 +297,31 @@ def _train_and_evaluate(config, workdir: str, mesh, on_epoch) -> dict:
   model = model_factory.make_model(config)
   eval_model = model_factory.make_model(config, differentiated=False)
   learning_rate = learning_rate_schedule(config, steps_per_epoch)
-  state = create_train_state(config, model, mesh, schedule=learning_rate)
 
-  # Restore.
+  # Restore, or start afresh: a resumed run never computes the initial weights.
   log = MetricsLog(workdir, tensorboard=config.tensorboard)
   checkpoints = checkpointing.RunCheckpoints(
       workdir, config.max_to_keep, keep_best='validation' in datasets,
       previous_records=log.records())
-  state = checkpoints.restore(state)
+  state = checkpoints.restore(
+      abstract_train_state(config, model, mesh, schedule=learning_rate),
+      fresh=lambda: create_train_state(config, model, mesh, schedule=learning_rate))
   step = int(state.step)
   log.keep_until(step)
   if config.model_summary:
     say(model_factory.model_summary(eval_model))
   say(describe_run(config, model, eval_model, mesh, state, datasets, steps_per_epoch, step))
 
-  # Compile.
+  # Compile, unless the run is already complete.
   feed = input_pipeline.make_feed(config.feed, mesh, train_split,
                                   config.batch_size)
-  start = time.perf_counter()
-  step_fn = compile_train_step(config, model, mesh, state, feed)
-  say(f'train step compiled in {time.perf_counter() - start:.1f} s')
+  step_fn = None
+  if step < config.num_epochs * steps_per_epoch:
+    start = time.perf_counter()
+    step_fn = compile_train_step(config, model, mesh, state, feed)
+    say(f'train step compiled in {time.perf_counter() - start:.1f} s')
+  else:
+    say(f'training is complete (step {step}); nothing to do')
   evaluator = Evaluator(eval_model, mesh, config.eval_batch_size)
   recalibrate = BatchNormRecalibrator(eval_model, mesh)
   profiler = profiling.StepProfiler(workdir, config.profile_steps, step, say)

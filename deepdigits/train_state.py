@@ -68,11 +68,13 @@ def create_train_state(config, model: nn.Module, mesh, steps_per_epoch: int = 1,
                  out_shardings=sharding.replicated(mesh))(jax.random.PRNGKey(config.seed))
 
 
-def abstract_train_state(config, model: nn.Module, mesh) -> TrainState:
-  """The shapes, dtypes and shardings of `create_train_state`'s state, with nothing
-  computed or compiled: the template a command that only reads a checkpoint restores
-  into (the weights' random initialisation alone compiles for 3-5 s of CPU)."""
-  shapes = jax.eval_shape(_init_fn(config, model), jax.random.PRNGKey(config.seed))
+def abstract_train_state(config, model: nn.Module, mesh, steps_per_epoch: int = 1,
+                         schedule: Optional[optax.Schedule] = None) -> TrainState:
+  """The shapes, dtypes and shardings of `create_train_state`'s state (its optimizer
+  too), with nothing computed or compiled: the template a checkpoint is restored into
+  (the weights' random initialisation alone compiles for 3-5 s of CPU)."""
+  shapes = jax.eval_shape(_init_fn(config, model, steps_per_epoch, schedule),
+                          jax.random.PRNGKey(config.seed))
   replicated = sharding.replicated(mesh)
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                       shapes)

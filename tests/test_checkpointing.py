@@ -75,6 +75,43 @@ def test_a_checkpoint_written_before_epoch_sums_existed_restores(tmp_path):
   assert [int(x) for x in jax.tree.leaves(restored.epoch_sums)] == [0, 0, 0, 0]
 
 
+def test_a_run_computes_a_fresh_state_only_where_no_checkpoint_holds_it(tmp_path):
+  """RunCheckpoints.restore, as a run calls it (an abstract template, a fresh state on
+  demand): a new run's state is the fresh one; a resumed run's is the checkpoint's,
+  without a fresh one; a checkpoint from before `epoch_sums` takes those from a fresh
+  one."""
+  config = tiny_config('')
+  model = model_factory.make_model(config)
+  template = train_state.abstract_train_state(config, model, sharding.make_mesh())
+  made = []
+  def fresh():
+    made.append(_state(config, model))
+    return made[-1]
+  run = lambda: checkpointing.RunCheckpoints(str(tmp_path), 3, False, [])
+  assert run().restore(template, fresh) is made[0]
+
+  state = made[0].replace(step=made[0].step + 2,
+                          epoch_sums=jax.tree.map(lambda x: x + 5, made[0].epoch_sums))
+  checkpoints = run()
+  checkpoints.save(state, 2)
+  checkpoints.latest.wait_until_finished()
+  resumed = run().restore(template, fresh)
+  assert len(made) == 1 and int(resumed.step) == 2
+  assert [int(x) for x in jax.tree.leaves(resumed.epoch_sums)] == [5, 5, 5, 5]
+  assert_trees_equal(resumed.params, state.params)
+
+  state = state.replace(step=state.step + 1)
+  old = {field: getattr(state, field) for field in
+         ('step', 'params', 'opt_state', 'batch_stats', 'rng', 'nonfinite_step', 'ema')}
+  manager = checkpointing.make_manager(str(tmp_path), max_to_keep=3)
+  manager.save(3, args=checkpointing.ocp.args.StandardSave(old))
+  manager.wait_until_finished()
+  resumed = run().restore(template, fresh)
+  assert len(made) == 2 and int(resumed.step) == 3
+  assert [int(x) for x in jax.tree.leaves(resumed.epoch_sums)] == [0, 0, 0, 0]
+  assert_trees_equal(resumed.opt_state, state.opt_state)
+
+
 def test_no_checkpoint_restores_nothing(tmp_path):
   manager = checkpointing.make_manager(str(tmp_path), max_to_keep=2)
   assert checkpointing.restore_latest(manager, _state(tiny_config(''))) is None

@@ -57,6 +57,21 @@ def test_fields_that_do_not_change_the_math_may_change(finished, tmp_path):
   assert json.loads((copy / 'config.json').read_text())['eval_batch_size'] == 32
 
 
+def test_a_finished_run_started_again_compiles_and_changes_nothing(finished, tmp_path,
+                                                                  monkeypatch, capsys):
+  workdir, config = finished
+  copy = tmp_path / 'run'
+  shutil.copytree(workdir, copy)
+  before = snapshot(copy)
+  def no_compile(*args, **kwargs):
+    raise AssertionError('a finished run compiled its train step')
+  monkeypatch.setattr(train, 'compile_train_step', no_compile)
+  record = train.train_and_evaluate(config, str(copy))
+  assert record == json.loads((copy / 'metrics.jsonl').read_text().splitlines()[-1])
+  assert 'training is complete (step 8); nothing to do' in capsys.readouterr().out
+  assert snapshot(copy) == before
+
+
 def test_more_epochs_extend_a_constant_schedule(finished, tmp_path):
   workdir, config = finished
   copy = tmp_path / 'run'
