@@ -185,11 +185,12 @@ class RunCheckpoints:
     self.best = make_manager(workdir, 1, BEST) if keep_best else None
     self.best_so_far = max((selection_metric(r) for r in previous_records), default=-1.0)
 
-  def restore(self, template: Any, fresh: Callable[[], Any]) -> Any:
-    """The latest readable checkpoint restored into `template`'s structure (abstract, or
-    a state), or else `fresh()`: a fresh state is computed only where it is needed, for a
-    new run or for the fields an older checkpoint predates."""
-    restored = restore_latest(self.latest, template)
+  def restore(self, template: Callable[[], Any], fresh: Callable[[], Any]) -> Any:
+    """The latest readable checkpoint restored into the structure `template()` gives
+    (abstract, or a state), or else `fresh()`. Each is made only where it is needed: the
+    template where there are checkpoints, a fresh state for a new run or for the fields
+    an older checkpoint predates."""
+    restored = restore_latest(self.latest, template()) if self.latest.all_steps() else None
     if restored is None:
       return fresh()
     predated = [f for f in LATER_STATE_FIELDS if hasattr(restored, f) and any(

@@ -304,7 +304,7 @@ def _train_and_evaluate(config, workdir: str, mesh, on_epoch) -> dict:
       workdir, config.max_to_keep, keep_best='validation' in datasets,
       previous_records=log.records())
   state = checkpoints.restore(
-      abstract_train_state(config, model, mesh, schedule=learning_rate),
+      template=lambda: abstract_train_state(config, model, mesh, schedule=learning_rate),
       fresh=lambda: create_train_state(config, model, mesh, schedule=learning_rate))
   step = int(state.step)
   log.keep_until(step)

@@ -88,14 +88,14 @@ def test_a_run_computes_a_fresh_state_only_where_no_checkpoint_holds_it(tmp_path
     made.append(_state(config, model))
     return made[-1]
   run = lambda: checkpointing.RunCheckpoints(str(tmp_path), 3, False, [])
-  assert run().restore(template, fresh) is made[0]
+  assert run().restore(lambda: template, fresh) is made[0]
 
   state = made[0].replace(step=made[0].step + 2,
                           epoch_sums=jax.tree.map(lambda x: x + 5, made[0].epoch_sums))
   checkpoints = run()
   checkpoints.save(state, 2)
   checkpoints.latest.wait_until_finished()
-  resumed = run().restore(template, fresh)
+  resumed = run().restore(lambda: template, fresh)
   assert len(made) == 1 and int(resumed.step) == 2
   assert [int(x) for x in jax.tree.leaves(resumed.epoch_sums)] == [5, 5, 5, 5]
   assert_trees_equal(resumed.params, state.params)
@@ -106,7 +106,7 @@ def test_a_run_computes_a_fresh_state_only_where_no_checkpoint_holds_it(tmp_path
   manager = checkpointing.make_manager(str(tmp_path), max_to_keep=3)
   manager.save(3, args=checkpointing.ocp.args.StandardSave(old))
   manager.wait_until_finished()
-  resumed = run().restore(template, fresh)
+  resumed = run().restore(lambda: template, fresh)
   assert len(made) == 2 and int(resumed.step) == 3
   assert [int(x) for x in jax.tree.leaves(resumed.epoch_sums)] == [0, 0, 0, 0]
   assert_trees_equal(resumed.opt_state, state.opt_state)
