@@ -75,13 +75,14 @@ def describe_mismatch(saved_metadata, target) -> Optional[str]:
   return '; '.join(problems[:3]) + more
 
 
-def restore_latest(manager: ocp.CheckpointManager, target: Any,
-                   set_aside: bool = True) -> Optional[Any]:
+def restore_latest(manager: ocp.CheckpointManager, target: Any, set_aside: bool = True,
+                   fresh: Optional[Callable[[], Any]] = None) -> Optional[Any]:
   """The newest readable checkpoint, restored with the shapes, dtypes and shardings of
   `target`, or None if there is none.
 
-  `target` may be abstract (`train_state.abstract_train_state`), for commands that only
-  read; the fields a checkpoint predates then stay abstract in the result.
+  `target` may be abstract (`train_state.abstract_train_state`). The fields a checkpoint
+  predates take their values from `fresh()` if it is given, else from `target` (abstract
+  ones stay abstract: enough for commands that only read).
 
   A checkpoint from another model or config raises CheckpointError naming the
   difference; an unreadable (corrupt or half-written) one is moved aside (or, with
@@ -111,7 +112,7 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any,
             'that wrote it.')
       try:
         restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-        return target.replace(**restored) if later else restored
+        return (fresh() if fresh else target).replace(**restored) if later else restored
       except Exception as e:  # pylint: disable=broad-except
         error = e
     error = error or ValueError('its metadata is unreadable')
@@ -190,15 +191,9 @@ class RunCheckpoints:
     (abstract, or a state), or else `fresh()`. Each is made only where it is needed: the
     template where there are checkpoints, a fresh state for a new run or for the fields
     an older checkpoint predates."""
-    restored = restore_latest(self.latest, template()) if self.latest.all_steps() else None
-    if restored is None:
-      return fresh()
-    predated = [f for f in LATER_STATE_FIELDS if hasattr(restored, f) and any(
-        isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(getattr(restored, f)))]
-    if predated:
-      new = fresh()
-      restored = restored.replace(**{f: getattr(new, f) for f in predated})
-    return restored
+    restored = (restore_latest(self.latest, template(), fresh=fresh)
+                if self.latest.all_steps() else None)
+    return fresh() if restored is None else restored
 
   def check_finite(self, state: Any) -> None:
     """Stops the run if a step saw a NaN or Inf; the train step froze the state there."""
