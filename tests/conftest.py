@@ -15,6 +15,8 @@ import importlib.util
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 import tempfile
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -25,10 +27,47 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 PLATFORM = os.environ.get('DEEPDIGITS_TEST_PLATFORM', 'cpu')
 DEVICES = int(os.environ.get('DEEPDIGITS_TEST_DEVICES', '1'))
 GIVEN_XLA_FLAGS = os.environ.get('XLA_FLAGS', '')  # what a child pytest starts from
+# The tests' programs are small and many, and most run a few steps: compiling is most of
+# the suite's CPU time, and LLVM most of a compile. The tests compile at LLVM's
+# optimisation level 1 and with XLA's element-wise emitters instead of its newer fusion
+# emitters: the tiny config's train step compiles in about a third of the CPU time, and
+# runs slower (docs/testing.md). Every process of the suite compiles so, subprocesses
+# included (xla_flags), so that what one computes can be compared bit for bit with
+# another; the end-to-end run compiles as a user's does. DEEPDIGITS_TEST_COMPILE_FLAGS
+# sets other flags ('' for XLA's defaults).
+WANTED_COMPILE_FLAGS = ('--xla_backend_optimization_level=1',
+                        '--xla_cpu_use_fusion_emitters=false')
+COMPILE_FLAGS_VARIABLE = 'DEEPDIGITS_TEST_COMPILE_FLAGS'
+
+
+def known_to_xla(flags: tuple[str, ...]) -> bool:
+  """Whether this jaxlib's XLA takes `flags`: it aborts a process on a flag it does not
+  know, and the fusion emitters' switch will go with the older emitters."""
+  probe = subprocess.run([sys.executable, '-c', 'import jax; jax.devices()'],
+                         env=dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=' '.join(flags)),
+                         capture_output=True, timeout=300)
+  return probe.returncode == 0
+
+
+# Decided once, by the process that starts the suite; its workers and children inherit it.
+if COMPILE_FLAGS_VARIABLE not in os.environ and PLATFORM == 'cpu':
+  os.environ[COMPILE_FLAGS_VARIABLE] = (
+      ' '.join(WANTED_COMPILE_FLAGS) if known_to_xla(WANTED_COMPILE_FLAGS) else '')
+TEST_COMPILE_FLAGS = tuple(os.environ.get(COMPILE_FLAGS_VARIABLE, '').split())
+
+
+def xla_flags(devices: int, test_compile: bool = True) -> str:
+  """XLA_FLAGS for a process of the tests on `devices` fake CPU devices: the tests'
+  compile flags (unless not `test_compile`), then those the suite was started with (which
+  may override them)."""
+  given = [f for f in GIVEN_XLA_FLAGS.split() if f not in TEST_COMPILE_FLAGS and
+           not f.startswith('--xla_force_host_platform_device_count=')]
+  return ' '.join([*(TEST_COMPILE_FLAGS if test_compile else ()), *given,
+                   f'--xla_force_host_platform_device_count={devices}'])
+
+
 if PLATFORM == 'cpu':
-  os.environ['XLA_FLAGS'] = (
-      os.environ.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count={DEVICES}'
-  ).strip()
+  os.environ['XLA_FLAGS'] = xla_flags(DEVICES)
 os.environ['JAX_PLATFORMS'] = PLATFORM
 # JAX's cache keys hold the whole program, JAX's and XLA's versions and XLA's flags: a
 # program that changed compiles anew, and a kept one is the one that would be compiled.
@@ -45,8 +84,6 @@ KEPT_COMPILATION_CACHE_BYTES = 1 << 30
 # 100 tiny programs a process), so that the workers and subprocesses compile each once.
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
-import subprocess  # pylint: disable=g-import-not-at-top
-import sys  # pylint: disable=g-import-not-at-top
 import xml.etree.ElementTree as ElementTree  # pylint: disable=g-import-not-at-top
 
 import numpy as np  # pylint: disable=g-import-not-at-top

@@ -9,7 +9,8 @@ import sys
 
 process_id, num_processes, port, devices = (int(a) for a in sys.argv[1:5])
 data_dir, workdir, out, feed = sys.argv[5:9]
-os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+os.environ['XLA_FLAGS'] = (  # after the caller's flags, which may hold another count
+    os.environ.get('XLA_FLAGS', '') + f' --xla_force_host_platform_device_count={devices}').strip()
 os.environ['JAX_PLATFORMS'] = 'cpu'
 
 import jax  # pylint: disable=g-import-not-at-top

@@ -10,7 +10,8 @@ import signal
 import sys
 
 process_id, port = (int(a) for a in sys.argv[1:3])
-os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=1'
+os.environ['XLA_FLAGS'] = (  # after the caller's flags, which may hold another count
+    os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=1').strip()
 os.environ['JAX_PLATFORMS'] = 'cpu'
 
 import jax  # pylint: disable=g-import-not-at-top

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, tiny_config, write_mnist_idx
+from conftest import REPO, tiny_config, write_mnist_idx, xla_flags
 from deepdigits import data, rundir
 from deepdigits.errors import ConfigError, DataError, DeepDigitsError, ImageError
 from deepdigits.metrics_log import MetricsLog
@@ -213,7 +213,7 @@ def test_a_ctrl_c_that_lands_in_a_finaliser_still_exits_130():
 
 def test_ctrl_c_while_compiling_exits_130_with_one_line(tiny_mnist_dir, tmp_path):
   env = dict(os.environ, PYTHONUNBUFFERED='1', JAX_ENABLE_COMPILATION_CACHE='false',
-             XLA_FLAGS='--xla_force_host_platform_device_count=1')
+             XLA_FLAGS=xla_flags(1))
   env.pop('JAX_COMPILATION_CACHE_DIR', None)  # a cached step would compile at once
   process = subprocess.Popen(
       [sys.executable, str(REPO / 'main.py'), '--config=configs/default.py',

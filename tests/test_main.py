@@ -10,16 +10,17 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import DEVICES, REPO, xla_flags
 from deepdigits import checkpointing, model_factory, rundir, sharding, train_state
 from deepdigits.ops import onednn_conv
 
 
-def run_main(*args, devices=None, timeout=600):
-  """main.py in a subprocess, on this process's devices unless `devices` fake CPU ones."""
+def run_main(*args, devices=None, test_compile=True, timeout=600):
+  """main.py in a subprocess, on this process's devices unless `devices` fake CPU ones;
+  compiled as the tests compile (conftest.TEST_COMPILE_FLAGS) unless not `test_compile`."""
   env = dict(os.environ)
-  if devices:
-    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  if devices or not test_compile:
+    env['XLA_FLAGS'] = xla_flags(devices or DEVICES, test_compile)
   return subprocess.run([sys.executable, str(REPO / 'main.py'), *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=timeout)
 
@@ -120,11 +121,13 @@ def test_a_bad_config_is_reported_before_the_data_is_read_or_the_workdir_made(tm
 
 def test_end_to_end_on_real_mnist_reaches_95_percent(mnist_dir, tmp_path):
   # 128 steps of 64 images from the first 8,192 training images; all 10,000 test
-  # images scored. A broken model or pipeline cannot reach 95%. One device, as a user
-  # on this CPU runs it (the 8-device equivalence is tested in test_train.py).
+  # images scored. A broken model or pipeline cannot reach 95%. One device and XLA's
+  # default compile, as a user on this CPU runs it (the 8-device equivalence is tested
+  # in test_train.py).
   result = run_main('--config=configs/cpu_quick.py', f'--workdir={tmp_path}',
                     f'--config.data_dir={mnist_dir}', '--config.num_epochs=1',
-                    '--config.train_subset=8192', '--config.batch_size=64', devices=1)
+                    '--config.train_subset=8192', '--config.batch_size=64', devices=1,
+                    test_compile=False)
   assert result.returncode == 0, result.stderr[-2000:]
   # With the oneDNN convolutions built, `auto` trains conv1-2 with them here (one CPU
   # device), and conv3-4 as Winograd tiles.

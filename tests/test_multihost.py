@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, xla_flags
 
 WORKER = REPO / 'tests' / 'multihost_worker.py'
 SCALARS = ('train_loss', 'test_loss', 'devices', 'processes')
@@ -22,7 +22,7 @@ def free_port() -> int:
 
 
 def worker(process_id, num_processes, port, devices, data_dir, workdir, out, feed):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env = dict(os.environ, XLA_FLAGS=xla_flags(devices))
   return subprocess.Popen(
       [sys.executable, str(WORKER), str(process_id), str(num_processes), str(port),
        str(devices), data_dir, str(workdir), str(out), feed],
@@ -76,7 +76,7 @@ def test_a_signal_to_one_host_stops_every_host_at_the_same_step():
   hosts' all-gather at step 10 (preemption.SYNC_EVERY_STEPS): both stop there, so both
   save the same checkpoint."""
   port = free_port()
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1))
   processes = [subprocess.Popen([sys.executable, str(REPO / 'tests' / 'preemption_worker.py'),
                                  str(i), str(port)], cwd=REPO, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, xla_flags
 
 STEPS_PER_EPOCH = 250  # 2,000 images / batch 8
 EPOCHS = 40
@@ -25,7 +25,7 @@ WARM_UP_EPOCHS = 5
 
 @pytest.mark.slow
 def test_soak_ten_thousand_steps(mnist_dir, tmp_path):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env = dict(os.environ, XLA_FLAGS=xla_flags(1))
   result = subprocess.run(
       [sys.executable, str(REPO / 'main.py'), '--config=configs/default.py',
        f'--workdir={tmp_path}', f'--config.data_dir={mnist_dir}',

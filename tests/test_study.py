@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import REPO, tiny_config
+from conftest import REPO, tiny_config, xla_flags
 from deepdigits import rundir
 from deepdigits.errors import ConfigError
 from deepdigits.preemption import Preempted
@@ -26,7 +26,7 @@ from deepdigits.tools import search, study, sweep
 
 optuna = pytest.importorskip('optuna')
 
-ONE_DEVICE = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+ONE_DEVICE = {**os.environ, 'XLA_FLAGS': xla_flags(1)}
 SEEDS = (0, 1, 2, 3)  # the shared grid's points
 # What a record holds that a resumed run must reproduce exactly (not its timings).
 COMPUTED = ('epoch', 'step', 'train_loss', 'train_accuracy', 'validation_loss',
