@@ -43,9 +43,13 @@ COMPILE_FLAGS_VARIABLE = 'DEEPDIGITS_TEST_COMPILE_FLAGS'
 def known_to_xla(flags: tuple[str, ...]) -> bool:
   """Whether this jaxlib's XLA takes `flags`: it aborts a process on a flag it does not
   know, and the fusion emitters' switch will go with the older emitters."""
-  probe = subprocess.run([sys.executable, '-c', 'import jax; jax.devices()'],
-                         env=dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=' '.join(flags)),
-                         capture_output=True, timeout=300)
+  try:
+    probe = subprocess.run([sys.executable, '-c', 'import jax; jax.devices()'],
+                           env=dict(os.environ, JAX_PLATFORMS='cpu',
+                                    XLA_FLAGS=' '.join(flags)),
+                           capture_output=True, timeout=300)
+  except subprocess.TimeoutExpired:
+    return False
   return probe.returncode == 0
 
 
