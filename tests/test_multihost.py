@@ -50,21 +50,28 @@ def test_two_processes_match_one_process_with_four_devices(tiny_mnist_dir, tmp_p
   assert (int(p0['processes']), int(p0['devices'])) == (2, 4)
   assert (int(one['processes']), int(one['devices'])) == (1, 4)
   names = [k for k in p0.files if k not in SCALARS]
-  assert len(names) == 38  # 26 parameter arrays + 12 BatchNorm statistics
+  # 26 parameter arrays and 12 BatchNorm statistics, then the optimizer's state ([2]).
+  assert len([n for n in names if not n.startswith('[2]')]) == 38
   for name in names:  # both hosts hold the very same replicated state
     np.testing.assert_array_equal(p0[name], p1[name])
 
-  # Same global batches and dropout masks: the losses and the BatchNorm statistics
-  # (which see the data) agree to float rounding (the all-reduces sum in another order).
+  # Same global batch and dropout masks: the losses and the BatchNorm statistics (which
+  # see the data) agree to float rounding (the all-reduces sum in another order).
   np.testing.assert_allclose(p0['train_loss'], one['train_loss'], rtol=1e-5)
   np.testing.assert_allclose(p0['test_loss'], one['test_loss'], rtol=1e-5)
   for name in names:
     if name.startswith('[1]'):  # batch_stats
       np.testing.assert_allclose(p0[name], one[name], rtol=1e-4, atol=1e-5)
-  # Parameters: Adam moves each by about lr * sign(gradient), so a gradient within
-  # rounding of zero may step the other way (and then differs by up to 2 * lr a step,
-  # whatever the cause): what shows a real difference is how many entries differ. All
-  # but a few agree to 1e-6; other batches or masks would move most of them.
+  # The same gradients: Adam's moments after one step are 0.1 g and 0.001 g^2, so they hold
+  # each gradient and its scale (measured to agree within 4e-4 of each array's largest).
+  moments = [n for n in names if n.startswith('[2]') and ('.mu' in n or '.nu' in n)]
+  assert len(moments) == 52, moments
+  for name in moments:
+    np.testing.assert_allclose(p0[name], one[name], atol=1e-3 * np.abs(one[name]).max(),
+                               err_msg=name)
+  # Parameters: Adam's first step moves each by lr * sign(gradient), so a gradient within
+  # rounding of zero may step the other way: what shows a real difference is how many
+  # entries differ. All but a few agree to 1e-6; other batches or masks would move most.
   params = [n for n in names if n.startswith('[0]')]
   differing = sum(int((np.abs(p0[n] - one[n]) > 1e-6).sum()) for n in params)
   total = sum(p0[n].size for n in params)
