@@ -14,7 +14,9 @@ import jax
 import jax.numpy as jnp
 
 from deepdigits.ops import onednn_conv
+from deepdigits.ops.batch_norm import relu_batch_norm, relu_batch_norm_inference
 from deepdigits.ops.conv import conv3x3_shifted_matmul
+from deepdigits.ops.dropout import keep_mask
 from deepdigits.ops.pool import max_pool_2x2_strided
 from deepdigits.ops.winograd import conv3x3_winograd
 
@@ -77,16 +79,17 @@ the same function, at different speeds per backend."""
     return y + bias
 
 
-class PerGroupBatchNorm(nn.Module):
-  """BatchNorm whose batch statistics come from groups of `group_size` consecutive
-  examples rather than the whole batch ('ghost batches').
+class ReluBatchNorm(nn.Module):
+  """ReLU, then BatchNorm: every BatchNorm of the network follows a ReLU, and the pair is
+  computed as one function (`ops/batch_norm.py`) in training.
 
-  Keras' BatchNormalization under a TPUStrategy normalises with each replica's own
-  statistics and reads its running averages as the mean over replicas; this reproduces
-  that on any number of devices. The variables are those of `nn.BatchNorm` ('scale',
-  'bias'; 'mean', 'var'), so checkpoints and evaluation do not change.
+  The variables are those of `nn.BatchNorm` ('scale', 'bias'; 'mean', 'var'), so
+  checkpoints and evaluation do not depend on the grouping. With `group_size`, training
+  normalises with the statistics of each group of that many consecutive examples
+  ('ghost batches', as Keras' BatchNormalization does per replica under a TPUStrategy)
+  and the running averages take the mean over groups; 0 normalises over the whole batch.
   """
-  group_size: int
+  group_size: int = 0
   use_running_average: bool = False
   momentum: float = 0.99
   epsilon: float = 1e-3
@@ -101,23 +104,38 @@ class PerGroupBatchNorm(nn.Module):
     ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, (features,), jnp.float32)
     ra_var = self.variable('batch_stats', 'var', jnp.ones, (features,), jnp.float32)
     if self.use_running_average:
-      values, mean, var = x.astype(jnp.float32), ra_mean.value, ra_var.value
-    else:
-      if x.shape[0] % self.group_size:
-        raise ValueError(f'a batch of {x.shape[0]} does not split into BatchNorm groups '
-                         f'of {self.group_size}')
-      values = x.astype(jnp.float32).reshape((-1, self.group_size) + x.shape[1:])
-      axes = tuple(range(1, values.ndim - 1))
-      # Flax's formula: E[x^2] - E[x]^2 in float32, clipped at 0; one row per group.
-      mean = values.mean(axes, keepdims=True)
-      var = jnp.maximum(0.0, jnp.square(values).mean(axes, keepdims=True) - jnp.square(mean))
-      if not self.is_initializing():
-        ra_mean.value = (self.momentum * ra_mean.value
-                         + (1 - self.momentum) * mean.mean(0).reshape(-1))
-        ra_var.value = (self.momentum * ra_var.value
-                        + (1 - self.momentum) * var.mean(0).reshape(-1))
-    y = (values - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale) + bias
-    return y.reshape(x.shape).astype(self.dtype)
+      return relu_batch_norm_inference(x, scale, bias, ra_mean.value, ra_var.value,
+                                       epsilon=self.epsilon, dtype=self.dtype)
+    group_size = self.group_size or x.shape[0]
+    if x.shape[0] % group_size:
+      raise ValueError(f'a batch of {x.shape[0]} does not split into BatchNorm groups '
+                       f'of {group_size}')
+    y, mean, var = relu_batch_norm(x, scale, bias, group_size=group_size,
+                                   epsilon=self.epsilon, dtype=self.dtype)
+    if not self.is_initializing():
+      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean.mean(0)
+      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var.mean(0)
+    return y
+
+
+class Dropout(nn.Dropout):
+  """`nn.Dropout` with its keep masks drawn 8 bits an element where that is exact
+  (`ops/dropout.py`): the same distribution for a quarter of the random numbers."""
+
+  @nn.compact
+  def __call__(self, inputs, deterministic=None, rng=None):
+    deterministic = nn.merge_param('deterministic', self.deterministic, deterministic)
+    if self.rate == 0.0 or deterministic:
+      return inputs
+    if self.rate == 1.0:
+      return jnp.zeros_like(inputs)
+    keep_prob = 1.0 - self.rate
+    if rng is None:
+      rng = self.make_rng(self.rng_collection)
+    shape = tuple(1 if dim in self.broadcast_dims else size
+                  for dim, size in enumerate(inputs.shape))
+    mask = jnp.broadcast_to(keep_mask(rng, keep_prob, shape), inputs.shape)
+    return jax.lax.select(mask, inputs / keep_prob, jnp.zeros_like(inputs))
 
 
 class DeepDigitsCNN(nn.Module):
@@ -150,16 +168,10 @@ class DeepDigitsCNN(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
     """Maps float images [N, 28, 28, 1] in [0, 1] to logits [N, num_classes]."""
-    def batch_norm(name):
-      if self.bn_group_size:
-        return PerGroupBatchNorm(
-            self.bn_group_size, use_running_average=not train, momentum=self.bn_momentum,
-            epsilon=self.bn_epsilon, dtype=self.dtype, name=name)
-      return nn.BatchNorm(
-          use_running_average=not train, momentum=self.bn_momentum,
-          epsilon=self.bn_epsilon, dtype=self.dtype, param_dtype=jnp.float32, name=name)
-    dropout = lambda rate: nn.Dropout(
-        rate, deterministic=not (train and self.use_dropout))
+    batch_norm = lambda name: ReluBatchNorm(
+        self.bn_group_size, use_running_average=not train, momentum=self.bn_momentum,
+        epsilon=self.bn_epsilon, dtype=self.dtype, name=name)
+    dropout = lambda rate: Dropout(rate, deterministic=not (train and self.use_dropout))
     impls = layer_conv_impls(self.conv_impl)
     conv = lambda features, name: Conv3x3(
         features, impl=impls[name], dtype=self.dtype, name=name)
@@ -173,15 +185,15 @@ class DeepDigitsCNN(nn.Module):
     max_pool = lambda x: max_pool_2x2(x, self.pool_impl)
 
     x = images.astype(self.dtype)
-    x = batch_norm('bn1')(nn.relu(conv(32, 'conv1')(x)))      # 26x26x32
-    x = batch_norm('bn2')(nn.relu(conv(64, 'conv2')(x)))      # 24x24x64
-    x = dropout(0.25)(max_pool(x))                           # 12x12x64
-    x = batch_norm('bn3')(nn.relu(conv(128, 'conv3')(x)))     # 10x10x128
-    x = batch_norm('bn4')(nn.relu(conv(256, 'conv4')(x)))     # 8x8x256
-    x = dropout(0.25)(max_pool(x))                           # 4x4x256
-    x = x.reshape((x.shape[0], -1))                          # 4096
-    x = dropout(0.5)(batch_norm('bn5')(nn.relu(dense(512, 'dense1')(x))))
-    x = dropout(0.5)(batch_norm('bn6')(nn.relu(dense(256, 'dense2')(x))))
+    x = batch_norm('bn1')(conv(32, 'conv1')(x))   # ReLU, BatchNorm: 26x26x32
+    x = batch_norm('bn2')(conv(64, 'conv2')(x))   # 24x24x64
+    x = dropout(0.25)(max_pool(x))                # 12x12x64
+    x = batch_norm('bn3')(conv(128, 'conv3')(x))  # 10x10x128
+    x = batch_norm('bn4')(conv(256, 'conv4')(x))  # 8x8x256
+    x = dropout(0.25)(max_pool(x))                # 4x4x256
+    x = x.reshape((x.shape[0], -1))               # 4096
+    x = dropout(0.5)(batch_norm('bn5')(dense(512, 'dense1')(x)))
+    x = dropout(0.5)(batch_norm('bn6')(dense(256, 'dense2')(x)))
     logits = dense(self.num_classes, 'logits')(x)
     return logits.astype(jnp.float32)
 

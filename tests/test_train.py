@@ -18,7 +18,7 @@ from deepdigits import config_checks, input_pipeline, model_factory, sharding, t
 from deepdigits.data import Split, scale_images
 from deepdigits.errors import ConfigError
 from deepdigits.evaluate import BatchNormRecalibrator, Evaluator
-from deepdigits.model import l2_penalty
+from deepdigits.model import ReluBatchNorm, l2_penalty
 
 
 def mesh_of(num_devices: int) -> Mesh:
@@ -174,8 +174,8 @@ def test_bn_recalibration_is_the_exact_average_over_batches(model_and_state, mni
   def inputs_of_batch_norms(variables, images):
     seen = {}
     def record(next_fun, args, kwargs, context):
-      if isinstance(context.module, nn.BatchNorm) and context.method_name == '__call__':
-        seen[context.module.name] = args[0]
+      if isinstance(context.module, ReluBatchNorm) and context.method_name == '__call__':
+        seen[context.module.name] = nn.relu(args[0])  # what it normalises
       return next_fun(*args, **kwargs)
     with nn.intercept_methods(record):
       model.clone(use_dropout=False).apply(variables, scale_images(images), train=True,
