@@ -66,14 +66,14 @@ def resolve_impl(impl: str, cpu_choice, differentiated: bool):
 def cpu_conv_choice(dtype: str, in_features: int) -> str:
   """The fastest differentiated convolution on CPU for a layer with this many input
   features (docs/speed.md, `python -m deepdigits.tools.conv_benchmark`): in float32,
-  Winograd's tiles from 64 input features up (conv3 and conv4), below that oneDNN's
-  direct convolutions (or, where they do not run, the shifted-view matmuls for one input
-  feature and Winograd for more); in bfloat16, oneDNN's where the CPU has bf16
-  instructions, else the shifted-view matmuls."""
+  Winograd's tiles from 64 input features up (conv3 and conv4), or from 128 (conv4) where
+  oneDNN has AVX-512 kernels, below that oneDNN's direct convolutions (or, where they do
+  not run, the shifted-view matmuls for one input feature and Winograd for more); in
+  bfloat16, oneDNN's where the CPU has bf16 instructions, else the shifted-view matmuls."""
   onednn = onednn_problem(dtype) is None
   if dtype != 'float32':
     return 'onednn' if onednn else 'shifted_matmul'
-  if in_features >= 64:
+  if in_features >= (128 if onednn and onednn_conv.has_avx512_kernels() else 64):
     return 'winograd'
   if onednn:
     return 'onednn'

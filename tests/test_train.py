@@ -262,25 +262,39 @@ def test_bf16_onednn_convs_are_refused_on_a_cpu_without_bf16_instructions(monkey
   monkeypatch.setattr(model_factory.onednn_conv, 'is_available', lambda: True)
   monkeypatch.setattr(model_factory.onednn_conv, 'bf16_problem', lambda: (
       'this CPU has no AVX512-BF16 or AMX instructions (oneDNN: fwd brgconv:avx512_core)'))
+  monkeypatch.setattr(model_factory.onednn_conv, 'has_avx512_kernels', lambda: True)
   with pytest.raises(ConfigError, match=re.escape(
       "--config.conv_impl='onednn' computes bfloat16 only where the CPU has bf16 "
       'instructions, and this CPU has no AVX512-BF16 or AMX instructions (oneDNN: fwd '
       "brgconv:avx512_core): use dtype='float32', or conv_impl='auto'.")):
     config_checks.check_values(tiny_config('', conv_impl='onednn', dtype='bfloat16'))
   config_checks.check_values(tiny_config('', conv_impl='onednn'))  # float32 runs
-  # 'auto' trains bfloat16 on the shifted-view matmuls there, float32 on oneDNN and
-  # Winograd's tiles.
+  # 'auto' trains bfloat16 on the shifted-view matmuls there, float32 on oneDNN (AVX-512
+  # kernels) and Winograd's tiles.
   assert model_factory.make_model(tiny_config('', dtype='bfloat16')).conv_impl == (
       'shifted_matmul')
   assert model_factory.make_model(tiny_config('')).conv_impl == (
-      'onednn', 'onednn', 'winograd', 'winograd')
+      'onednn', 'onednn', 'onednn', 'winograd')
+
+
+@pytest.mark.parametrize('avx512, float32_choice', [
+    (False, ('onednn', 'onednn', 'winograd', 'winograd')),
+    (True, ('onednn', 'onednn', 'onednn', 'winograd'))])
+def test_auto_leaves_conv3_to_onednn_where_its_kernels_are_avx512(monkeypatch, avx512,
+                                                                   float32_choice):
+  """Measured per layer (docs/speed.md): on AVX2 Winograd's tiles beat oneDNN from 64
+  input features (conv3) up, on AVX-512 only from 128 (conv4)."""
+  monkeypatch.setattr(jax, 'local_device_count', lambda: 1)
+  monkeypatch.setattr(model_factory.onednn_conv, 'is_available', lambda: True)
+  monkeypatch.setattr(model_factory.onednn_conv, 'has_avx512_kernels', lambda: avx512)
+  assert model_factory.make_model(tiny_config('')).conv_impl == float32_choice
 
 
 def test_auto_picks_onednn_convs_on_one_cpu_device():
   """On the machine as it is (one CPU device), `auto` picks the built oneDNN kernels
-  for the first two convolutions and Winograd's tiles for the last two (test_main.py's
-  end-to-end run trains with them to 95%), and oneDNN's for all four in bfloat16 where
-  the CPU has bf16 instructions."""
+  for the first two convolutions (three where they are AVX-512 kernels) and Winograd's
+  tiles for the rest (test_main.py's end-to-end run trains with them to 95%), and
+  oneDNN's for all four in bfloat16 where the CPU has bf16 instructions."""
   require_onednn()
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   script = ('import jax; from configs import default; from deepdigits import model_factory; '
@@ -289,12 +303,14 @@ def test_auto_picks_onednn_convs_on_one_cpu_device():
             "bf16.dtype = 'bfloat16'; "
             'from deepdigits.model import conv_impl_name as name; '
             'print(jax.local_device_count(), name(model_factory.make_model(fp32).conv_impl), '
-            'name(model_factory.make_model(bf16).conv_impl), onednn_conv.bf16_problem() is None)')
+            'name(model_factory.make_model(bf16).conv_impl), onednn_conv.bf16_problem() is None, '
+            'onednn_conv.has_avx512_kernels())')
   result = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
-  count, fp32, bf16, bf16_runs = result.stdout.split()
-  assert (count, fp32) == ('1', 'onednn,onednn,winograd,winograd')
+  count, fp32, bf16, bf16_runs, avx512 = result.stdout.split()
+  conv3 = 'onednn' if avx512 == 'True' else 'winograd'
+  assert (count, fp32) == ('1', f'onednn,onednn,{conv3},winograd')
   assert bf16 == ('onednn' if bf16_runs == 'True' else 'shifted_matmul'), result.stdout
 
 

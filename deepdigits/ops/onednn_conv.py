@@ -92,6 +92,13 @@ def implementations(batch: int, height: int, width: int, in_features: int,
 
 
 @functools.cache
+def has_avx512_kernels() -> bool:
+  """Whether oneDNN runs float32 convolutions on AVX-512 kernels here: they are stronger
+  than its AVX2 ones, enough to change which layers Winograd's tiles beat them on."""
+  return is_available() and 'avx512' in implementations(*_PROBE_LAYER)
+
+
+@functools.cache
 def bf16_problem() -> Optional[str]:
   """Why bfloat16 convolutions cannot run at full speed on this CPU, or None: oneDNN
   emulates bf16 (or has no kernel) without AVX512-BF16 or AMX instructions."""
