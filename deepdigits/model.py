@@ -6,14 +6,13 @@ layers. Keras' initialisers (Glorot uniform kernels, zero biases) are kept. The 
 returns logits; the softmax belongs to the loss.
 """
 
-import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deepdigits.ops import onednn_conv
+from deepdigits.ops import onednn_conv, onednn_dense
 from deepdigits.ops.batch_norm import relu_batch_norm, relu_batch_norm_inference
 from deepdigits.ops.conv import conv3x3_shifted_matmul
 from deepdigits.ops.dropout import keep_mask
@@ -76,6 +75,32 @@ the same function, at different speeds per backend."""
       y = conv3x3_winograd(x, kernel)
     else:
       raise ValueError(f'conv_impl must be one of {CONV_IMPLS}, got {self.impl!r}')
+    return y + bias
+
+
+class Dense(nn.Module):
+  """`nn.Dense` with Keras' Glorot-uniform kernel, float32 parameters, and in bfloat16
+  float32 results; `impl='onednn'` (bfloat16 only) computes it with oneDNN's bf16 matmuls
+  (`ops/onednn_dense.py`)."""
+  features: int
+  dtype: Any = jnp.float32
+  impl: str = 'native'
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param('kernel', nn.initializers.xavier_uniform(),
+                        (x.shape[-1], self.features), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (self.features,), jnp.float32)
+    if self.impl == 'onednn':
+      return onednn_dense.dense_bf16(x, kernel, bias)
+    if self.impl != 'native':
+      raise ValueError(f"dense_impl must be 'native' or 'onednn', got {self.impl!r}")
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    # In bfloat16 the matmul accumulates and returns float32 (and so do its gradients,
+    # which XLA:CPU computes much faster than a bfloat16 result).
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())),
+                            preferred_element_type=(jnp.float32 if self.dtype != jnp.float32
+                                                    else None))
     return y + bias
 
 
@@ -155,6 +180,8 @@ class DeepDigitsCNN(nn.Module):
       consecutive examples (Keras' per-replica statistics on a TPU); 0: the whole batch.
     use_dropout: False turns every dropout layer off even in training mode, for
       re-estimating BatchNorm statistics without dropout noise.
+    dense_impl: 'native' (XLA's dot) or 'onednn' (oneDNN's bf16 matmuls, CPU, bfloat16
+      only) for the three dense layers.
   """
   num_classes: int = 10
   dtype: Any = jnp.float32
@@ -164,6 +191,7 @@ class DeepDigitsCNN(nn.Module):
   bn_epsilon: float = 1e-3
   bn_group_size: int = 0
   use_dropout: bool = True
+  dense_impl: str = 'native'
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
@@ -175,13 +203,7 @@ class DeepDigitsCNN(nn.Module):
     impls = layer_conv_impls(self.conv_impl)
     conv = lambda features, name: Conv3x3(
         features, impl=impls[name], dtype=self.dtype, name=name)
-    # In bfloat16 the matmuls accumulate and return float32 (and so do their gradients,
-    # which XLA:CPU computes much faster than a bfloat16 result).
-    dot_general = (functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
-                   if self.dtype != jnp.float32 else jax.lax.dot_general)
-    dense = lambda features, name: nn.Dense(
-        features, kernel_init=nn.initializers.xavier_uniform(), dtype=self.dtype,
-        param_dtype=jnp.float32, dot_general=dot_general, name=name)
+    dense = lambda features, name: Dense(features, self.dtype, self.dense_impl, name=name)
     max_pool = lambda x: max_pool_2x2(x, self.pool_impl)
 
     x = images.astype(self.dtype)

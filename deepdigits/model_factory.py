@@ -80,6 +80,15 @@ def cpu_conv_choice(dtype: str, in_features: int) -> str:
   return 'shifted_matmul' if in_features == 1 else 'winograd'
 
 
+def dense_impl(dtype: str, differentiated: bool) -> str:
+  """oneDNN's bf16 matmuls for the dense layers in a bfloat16 train step on a CPU where
+  oneDNN's bf16 kernels run (where its convolutions do); XLA's dot elsewhere."""
+  if (dtype == 'bfloat16' and differentiated and jax.default_backend() == 'cpu'
+      and onednn_problem(dtype) is None):
+    return 'onednn'
+  return 'native'
+
+
 def make_model(config, differentiated: bool = True) -> DeepDigitsCNN:
   """The network for the train step (differentiated) or for evaluation; both compute the
   same function with the same parameters."""
@@ -89,6 +98,7 @@ def make_model(config, differentiated: bool = True) -> DeepDigitsCNN:
   return DeepDigitsCNN(
       dtype=DTYPES[config.dtype],
       conv_impl=conv_impl[0] if len(set(conv_impl)) == 1 else conv_impl,
+      dense_impl=dense_impl(config.dtype, differentiated),
       pool_impl=resolve_impl(config.pool_impl, 'strided_views', differentiated),
       bn_group_size=config.bn_group_size)
 

@@ -16,6 +16,7 @@ from deepdigits.model import (
   CONV_LAYERS,
   L2_REGULARIZED_KERNELS,
   DeepDigitsCNN,
+  Dense,
   ReluBatchNorm,
   l2_penalty,
 )
@@ -249,6 +250,36 @@ def test_conv_impls_give_the_same_network_outputs_and_gradients(variables):
     for g_native, g_other in zip(jax.tree.leaves(grads_native), jax.tree.leaves(grads_other)):
       scale = np.abs(g_native).max() + 1e-12
       np.testing.assert_allclose(g_other / scale, g_native / scale, atol=1e-4)
+
+
+def test_onednn_dense_is_nn_dense_in_bfloat16_with_float32_gradients():
+  """oneDNN's bf16 matmuls compute the dense layer XLA computes from the same bfloat16
+  inputs (float32 accumulation, float32 results), and its gradients within bfloat16's
+  rounding."""
+  require_onednn_bf16()
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(keys[0], (64, 4096)).astype(jnp.bfloat16)
+  weights = jax.random.normal(keys[1], (64, 512))
+  params = Dense(512).init(keys[2], x)
+  params = jax.tree.map(lambda p: p + 0.1, params)  # a bias that is not 0
+
+  def forward_and_grads(impl):
+    layer = Dense(512, dtype=jnp.bfloat16, impl=impl)
+    loss = lambda params, x: jnp.sum(layer.apply(params, x) * weights)
+    y = jax.jit(layer.apply)(params, x)
+    return y, jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+
+  (y, (g_params, g_x)), (y_ref, (g_params_ref, g_x_ref)) = (
+      forward_and_grads('onednn'), forward_and_grads('native'))
+  assert y.dtype == jnp.float32 and g_x.dtype == jnp.bfloat16
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5 * np.abs(y_ref).max())
+  for got, want in [(g_x, g_x_ref)] + list(zip(jax.tree.leaves(g_params),
+                                               jax.tree.leaves(g_params_ref))):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    # One bfloat16 step (2**-7 of a value) at the largest: the input gradient is bfloat16,
+    # and the output gradient in both is rounded to bfloat16 here only.
+    np.testing.assert_allclose(got, want, atol=2 ** -7 * np.abs(want).max())
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(g_params))
 
 
 @pytest.mark.parametrize('conv_impl', ['native', 'onednn'])

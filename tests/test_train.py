@@ -273,6 +273,7 @@ def test_bf16_onednn_convs_are_refused_on_a_cpu_without_bf16_instructions(monkey
   # kernels) and Winograd's tiles.
   assert model_factory.make_model(tiny_config('', dtype='bfloat16')).conv_impl == (
       'shifted_matmul')
+  assert model_factory.make_model(tiny_config('', dtype='bfloat16')).dense_impl == 'native'
   assert model_factory.make_model(tiny_config('')).conv_impl == (
       'onednn', 'onednn', 'onednn', 'winograd')
 
@@ -294,7 +295,8 @@ def test_auto_picks_onednn_convs_on_one_cpu_device():
   """On the machine as it is (one CPU device), `auto` picks the built oneDNN kernels
   for the first two convolutions (three where they are AVX-512 kernels) and Winograd's
   tiles for the rest (test_main.py's end-to-end run trains with them to 95%), and
-  oneDNN's for all four in bfloat16 where the CPU has bf16 instructions."""
+  oneDNN's for all four and the dense layers in bfloat16 where the CPU has bf16
+  instructions."""
   require_onednn()
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   script = ('import jax; from configs import default; from deepdigits import model_factory; '
@@ -304,14 +306,17 @@ def test_auto_picks_onednn_convs_on_one_cpu_device():
             'from deepdigits.model import conv_impl_name as name; '
             'print(jax.local_device_count(), name(model_factory.make_model(fp32).conv_impl), '
             'name(model_factory.make_model(bf16).conv_impl), onednn_conv.bf16_problem() is None, '
-            'onednn_conv.has_avx512_kernels())')
+            'onednn_conv.has_avx512_kernels(), model_factory.make_model(bf16).dense_impl, '
+            'model_factory.make_model(bf16, differentiated=False).dense_impl)')
   result = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
-  count, fp32, bf16, bf16_runs, avx512 = result.stdout.split()
+  count, fp32, bf16, bf16_runs, avx512, dense, eval_dense = result.stdout.split()
   conv3 = 'onednn' if avx512 == 'True' else 'winograd'
   assert (count, fp32) == ('1', f'onednn,onednn,{conv3},winograd')
   assert bf16 == ('onednn' if bf16_runs == 'True' else 'shifted_matmul'), result.stdout
+  # The dense layers of a bfloat16 train step on oneDNN's bf16 matmuls there too.
+  assert (dense, eval_dense) == ('onednn' if bf16_runs == 'True' else 'native', 'native')
 
 
 @pytest.mark.devices(8)

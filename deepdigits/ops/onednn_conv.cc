@@ -4,6 +4,8 @@
 // float32 kernels and biases in and float32 kernel and bias gradients out.
 // Built by setup.py, loaded and registered by deepdigits/ops/onednn_conv.py; XLA:CPU has no
 // oneDNN convolution of its own, and oneDNN's direct convolutions need no im2col copies.
+// Also bfloat16 matmuls with float32 accumulation (the dense layers in bfloat16,
+// deepdigits/ops/onednn_dense.py), which oneDNN runs on AMX or AVX512-BF16.
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -167,6 +169,52 @@ ffi::Error KernelGrad(ffi::Buffer<T> x, ffi::Buffer<T> dy, ffi::ResultBuffer<ffi
   return ffi::Error::Success();
 }
 
+// A bf16 matmul's shapes: out[m, n] = a[m, k] @ b[k, n], either operand stored transposed
+// (a as [k, m], b as [n, k]), out in f32 or bf16.
+struct MatmulShapes {
+  int64_t m, k, n;
+  bool ta, tb;
+  dt out;
+  bool operator<(const MatmulShapes& o) const {
+    return std::tie(m, k, n, ta, tb, out) < std::tie(o.m, o.k, o.n, o.ta, o.tb, o.out);
+  }
+  memory::desc a() const { return memory::desc({m, k}, dt::bf16, ta ? tag::ba : tag::ab); }
+  memory::desc b() const { return memory::desc({k, n}, dt::bf16, tb ? tag::ba : tag::ab); }
+  memory::desc c() const { return memory::desc({m, n}, out, tag::ab); }
+};
+
+dnnl::matmul& GetMatmul(const MatmulShapes& s) {
+  static std::mutex mu;
+  static std::map<MatmulShapes, std::unique_ptr<dnnl::matmul>> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(s);
+  if (it != cache.end()) return *it->second;
+  dnnl::matmul::primitive_desc pd(Engine(), s.a(), s.b(), s.c());
+  auto& ref = *(cache[s] = std::make_unique<dnnl::matmul>(pd));
+  return ref;
+}
+
+template <ffi::DataType Out>
+ffi::Error Matmul(ffi::Buffer<ffi::BF16> a, ffi::Buffer<ffi::BF16> b,
+                  ffi::ResultBuffer<Out> c, bool transpose_a, bool transpose_b) {
+  try {
+    auto ad = a.dimensions(); auto cd = c->dimensions();
+    MatmulShapes s{cd[0], transpose_a ? ad[0] : ad[1], cd[1], transpose_a, transpose_b,
+                   Out == ffi::DataType::BF16 ? dt::bf16 : dt::f32};
+    auto& prim = GetMatmul(s);
+    std::lock_guard<std::mutex> one_at_a_time(ExecutionMutex());
+    dnnl::stream st(Engine());
+    memory src(s.a(), Engine(), a.untyped_data());
+    memory wei(s.b(), Engine(), b.untyped_data());
+    memory dst(s.c(), Engine(), c->untyped_data());
+    prim.execute(st, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wei}, {DNNL_ARG_DST, dst}});
+    st.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 #define DEEPDIGITS_HANDLERS(SUFFIX, T)                                                    \
@@ -184,6 +232,28 @@ ffi::Error KernelGrad(ffi::Buffer<T> x, ffi::Buffer<T> dy, ffi::ResultBuffer<ffi
 
 DEEPDIGITS_HANDLERS(F32, ffi::DataType::F32)
 DEEPDIGITS_HANDLERS(BF16, ffi::DataType::BF16)
+
+#define DEEPDIGITS_MATMUL_HANDLER(SUFFIX, OUT)                                            \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(DeepdigitsMatmulBF16To##SUFFIX, Matmul<OUT>,                \
+                                ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::BF16>>()              \
+                                    .Arg<ffi::Buffer<ffi::BF16>>().Ret<ffi::Buffer<OUT>>()  \
+                                    .Attr<bool>("transpose_a").Attr<bool>("transpose_b"));
+
+DEEPDIGITS_MATMUL_HANDLER(F32, ffi::DataType::F32)
+DEEPDIGITS_MATMUL_HANDLER(BF16, ffi::DataType::BF16)
+
+// Which oneDNN implementation runs a bf16 matmul of these shapes (out f32), e.g.
+// "brg_matmul:avx512_core_amx", for the benchmark's report.
+extern "C" const char* DeepdigitsMatmulImpl(int m, int k, int n) {
+  static std::string out;
+  try {
+    MatmulShapes s{m, k, n, false, false, dt::f32};
+    out = dnnl::matmul::primitive_desc(Engine(), s.a(), s.b(), s.c()).impl_info_str();
+  } catch (const dnnl::error& e) {
+    out = std::string("unsupported: ") + e.what();
+  }
+  return out.c_str();
+}
 
 // Which oneDNN implementations run for these shapes and activation type (bf16: true for
 // bfloat16), for the benchmark's report and the bf16 check; "unsupported: ..." where

@@ -67,6 +67,12 @@ def _load() -> tuple[Optional[ctypes.CDLL], str]:
           f'deepdigits_conv_{name}_{suffix}',
           jax.ffi.pycapsule(getattr(handlers, f'DeepdigitsConv{name}{suffix}')),
           platform='cpu')
+  for suffix in _SUFFIXES.values():
+    jax.ffi.register_ffi_target(
+        f'deepdigits_matmul_bf16_to_{suffix}',
+        jax.ffi.pycapsule(getattr(handlers, f'DeepdigitsMatmulBF16To{suffix}')), platform='cpu')
+  handlers.DeepdigitsMatmulImpl.restype = ctypes.c_char_p
+  handlers.DeepdigitsMatmulImpl.argtypes = [ctypes.c_int] * 3
   handlers.DeepdigitsConvImpls.restype = ctypes.c_char_p
   handlers.DeepdigitsConvImpls.argtypes = [ctypes.c_int] * 5 + [ctypes.c_bool]
   return handlers, ''
