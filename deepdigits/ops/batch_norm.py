@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 
 def _normalise(x, scale, bias, epsilon):
-  """(ReLU(x) as float32 values, their mean and variance per group and feature, rstd)."""
+  """(the output in float32, the mean and variance of ReLU(x) per group and feature,
+  1 / sqrt(variance + epsilon))."""
   values = jnp.maximum(x, 0).astype(jnp.float32)
   axes = tuple(range(1, values.ndim - 1))
   mean = values.mean(axes, keepdims=True)
