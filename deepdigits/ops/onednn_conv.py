@@ -5,8 +5,9 @@ to differentiate, and the shifted-view matmuls copy nine views of every input. o
 direct convolutions (the ones Keras/TensorFlow and PyTorch run on this CPU) need no
 copies. `deepdigits/ops/onednn_conv.cc`, built by `pip install` (setup.py), wraps the
 forward (bias added), input-gradient and kernel-and-bias-gradient primitives as XLA FFI
-handlers; this module loads it, registers the handlers, and ties them together with a
-custom VJP. CPU only; on TPU/GPU the native convolution is the one to use.
+handlers; this module loads it, registers the handlers (and the bf16 matmul that
+`onednn_dense` uses), and ties them together with a custom VJP. CPU only; on TPU/GPU the
+native convolution is the one to use.
 
 Activations are float32, or bfloat16 where the CPU has bf16 instructions (AVX512-BF16 or
 AMX: `bf16_problem`); kernels and biases are float32 in both cases, and in bfloat16 oneDNN
@@ -95,6 +96,15 @@ def implementations(batch: int, height: int, width: int, in_features: int,
     raise RuntimeError(unavailable_reason())
   return handlers.DeepdigitsConvImpls(batch, height, width, in_features, out_features,
                                       jnp.dtype(dtype) == jnp.bfloat16).decode()
+
+
+def matmul_implementation(m: int, k: int, n: int) -> str:
+  """Which oneDNN kernel runs a bf16 matmul [m, k] @ [k, n] with float32 results (the
+  dense layers in bfloat16, `onednn_dense`), e.g. 'brg:avx512_core_amx'."""
+  handlers = _load()[0]
+  if handlers is None:
+    raise RuntimeError(unavailable_reason())
+  return handlers.DeepdigitsMatmulImpl(m, k, n).decode()
 
 
 @functools.cache

@@ -21,17 +21,12 @@ def _matmul(a, b, out_dtype, transpose_a=False, transpose_b=False):
   bfloat16 operands with float32 accumulation, returned in out_dtype."""
   m = a.shape[1] if transpose_a else a.shape[0]
   n = b.shape[0] if transpose_b else b.shape[1]
+  if not onednn_conv.is_available():  # loads and registers the handlers
+    raise RuntimeError(f'oneDNN matmuls are not available: {onednn_conv.unavailable_reason()}')
   suffix = 'BF16' if jnp.dtype(out_dtype) == jnp.bfloat16 else 'F32'
   return jax.ffi.ffi_call(f'deepdigits_matmul_bf16_to_{suffix}',
                           jax.ShapeDtypeStruct((m, n), out_dtype))(
                               a, b, transpose_a=transpose_a, transpose_b=transpose_b)
-
-
-def implementation(m: int, k: int, n: int) -> str:
-  """Which oneDNN kernel runs a bf16 matmul of these shapes, e.g. 'brg_matmul:avx512_core_amx'."""
-  if not onednn_conv.is_available():
-    raise RuntimeError(onednn_conv.unavailable_reason())
-  return onednn_conv._load()[0].DeepdigitsMatmulImpl(m, k, n).decode()  # pylint: disable=protected-access
 
 
 @jax.custom_vjp

@@ -24,7 +24,7 @@ from deepdigits.cli import loaded_config, run_command
 from deepdigits.data import IMAGE_SHAPE, Split, read_idx_split
 from deepdigits.evaluate import Evaluator
 from deepdigits.model import conv_impl_name, layer_conv_impls
-from deepdigits.ops import onednn_conv, onednn_dense
+from deepdigits.ops import onednn_conv
 from deepdigits.tools.conv_benchmark import conv_layers
 
 FLAGS = flags.FLAGS
@@ -156,7 +156,7 @@ def run_benchmark(config, steps: int, windows: int, eval_batches: int,
                                                 dtype=config.dtype)
         for layer in conv_layers(config) if impls[layer.name] == 'onednn'}
   if model.dense_impl == 'onednn':  # dense1's matmul: batch x 4096 @ 4096 x 512
-    result.setdefault('onednn_kernels', {})['dense1'] = onednn_dense.implementation(
+    result.setdefault('onednn_kernels', {})['dense1'] = onednn_conv.matmul_implementation(
         config.batch_size // jax.device_count(), 4096, 512)
   r = result
   print(f"deepdigits benchmark: {r['devices']} x {r['device_kind']}, dtype {r['dtype']}, "
