@@ -21,7 +21,7 @@ def onednn_extensions():
       'deepdigits.ops._onednn_conv', ['deepdigits/ops/onednn_conv.cc'],
       include_dirs=[jax.ffi.include_dir(),
                     os.path.dirname(os.path.dirname(os.path.dirname(header)))],
-      library_dirs=[os.path.dirname(library)], libraries=['dnnl'],
+      library_dirs=[os.path.dirname(library)], libraries=['dnnl', 'gomp'],
       extra_compile_args=['-std=c++17', '-O2'], language='c++', optional=True)]
 
 

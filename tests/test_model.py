@@ -123,6 +123,30 @@ def test_onednn_conv_gives_lax_convs_outputs_and_gradients(cin, cout, size):
   assert 'avx' in onednn_conv.implementations(3, size, size, cin, cout)  # not a ref kernel
 
 
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_onednn_calls_at_once_give_each_calls_results_alone_bitwise(dtype):
+  """The handlers cut each call's batch (7 images: chunks of unequal size) into chunks
+  that XLA's threads share, and XLA runs independent calls at once: whichever thread
+  takes which chunk, the results, kernel gradients summed over chunks included, are those
+  of each call run alone."""
+  require_onednn_bf16() if dtype == 'bfloat16' else require_onednn()
+  conv = lambda x, kernel, bias: onednn_conv.conv3x3(x.astype(dtype), kernel, bias)
+  operand_sets = []
+  for seed in range(3):
+    kx, kk, kb, kg = jax.random.split(jax.random.PRNGKey(seed), 4)
+    operand_sets.append((jax.random.normal(kx, (7, 12, 12, 64)),
+                         jax.random.normal(kk, (3, 3, 64, 128)) / 24,
+                         jax.random.normal(kb, (128,)),
+                         jax.random.normal(kg, (7, 10, 10, 128))))
+  alone = [jax.jit(functools.partial(_conv_outputs_and_gradients, conv))(*operands)
+           for operands in operand_sets]
+  together = jax.jit(lambda sets: [_conv_outputs_and_gradients(conv, *operands)
+                                   for operands in sets])
+  for _ in range(3):
+    for got, want in zip(jax.tree.leaves(together(operand_sets)), jax.tree.leaves(alone)):
+      np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
 def test_conv_layers_lists_the_networks_convolutions_for_per_layer_impls():
   traced = [(layer.name, layer.input_shape[-1], layer.features)
             for layer in conv_layers(tiny_config(''))]

@@ -6,8 +6,9 @@ direct convolutions (the ones Keras/TensorFlow and PyTorch run on this CPU) need
 copies. `deepdigits/ops/onednn_conv.cc`, built by `pip install` (setup.py), wraps the
 forward (bias added), input-gradient and kernel-and-bias-gradient primitives as XLA FFI
 handlers; this module loads it, registers the handlers (and the bf16 matmul that
-`onednn_dense` uses), and ties them together with a custom VJP. CPU only; on TPU/GPU the
-native convolution is the one to use.
+`onednn_dense` uses), and ties them together with a custom VJP. The handlers run oneDNN on
+XLA's own intra-op threads, one chunk of the batch each, not on an OpenMP team of their
+own. CPU only; on TPU/GPU the native convolution is the one to use.
 
 Activations are float32, or bfloat16 where the CPU has bf16 instructions (AVX512-BF16 or
 AMX: `bf16_problem`); kernels and biases are float32 in both cases, and in bfloat16 oneDNN
