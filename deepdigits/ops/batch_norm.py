@@ -4,13 +4,15 @@ Every BatchNorm of the network follows a ReLU. Differentiated by JAX, the pair c
 several passes over the activations each way, and in bfloat16 a conversion in each. Here
 the forward pass is one reduction (the mean and mean square of each feature) and one
 element-wise pass, and the backward pass one reduction (the sums of the output gradient
-and of its product with the normalised input) and one element-wise pass that also applies
+and of its product with the normalised input, per group; the scale's and bias's
+gradients are their sums over the groups) and one element-wise pass that also applies
 the ReLU's mask. The forward is Flax's formula (`nn.BatchNorm`: the variance as E[x^2] -
 E[x]^2 in float32, clipped at 0); the gradient is its exact derivative, rounded
 differently from JAX's own.
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -45,14 +47,18 @@ def _relu_batch_norm_bwd(epsilon, dtype, residuals, cotangents):
   g = cotangents[0].astype(jnp.float32)  # the statistics' cotangents are zero (below)
   x_hat = (jnp.maximum(x, 0).astype(jnp.float32) - mean) * rstd
   group_axes = tuple(range(1, x.ndim - 1))
-  g_mean = g.mean(group_axes, keepdims=True)
-  g_x_hat_mean = (g * x_hat).mean(group_axes, keepdims=True)
+  group_count = math.prod(x.shape[1:-1])
+  # Two reductions over the activations serve the input's gradient (per group) and the
+  # scale's and bias's (their sums over the groups).
+  g_sum = g.sum(group_axes, keepdims=True)
+  g_x_hat_sum = (g * x_hat).sum(group_axes, keepdims=True)
   # Where the variance was clipped at 0 it passes no gradient back.
-  g_x_hat_mean = jnp.where(var > 0, g_x_hat_mean, 0.0)
-  g_values = (rstd * scale) * (g - g_mean - x_hat * g_x_hat_mean)
+  g_x_hat_mean = jnp.where(var > 0, g_x_hat_sum / group_count, 0.0)
+  g_values = (rstd * scale) * (g - g_sum / group_count - x_hat * g_x_hat_mean)
   g_x = jnp.where(x > 0, g_values, 0.0).astype(x.dtype)
-  param_axes = tuple(range(x.ndim - 1))
-  return g_x, (g * x_hat).sum(param_axes), g.sum(param_axes)
+  feature_shape = scale.shape
+  return (g_x, g_x_hat_sum.sum(0).reshape(feature_shape),
+          g_sum.sum(0).reshape(feature_shape))
 
 
 _relu_batch_norm.defvjp(_relu_batch_norm_fwd, _relu_batch_norm_bwd)
