@@ -20,6 +20,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <exception>
 #include <functional>
 #include <map>
 #include <memory>
@@ -84,7 +85,7 @@ void TakeChunks(const std::shared_ptr<Chunks>& work) {
     std::string error;
     try {
       work->body(i);
-    } catch (const dnnl::error& e) {
+    } catch (const std::exception& e) {  // oneDNN's errors, or memory running out
       error = e.what();
     }
     std::lock_guard<std::mutex> lock(work->mu);
@@ -94,7 +95,7 @@ void TakeChunks(const std::shared_ptr<Chunks>& work) {
 }
 
 // Runs body(0 .. count-1) on this thread and on XLA's intra-op threads, whichever is free
-// first; returns when all have run, with the first oneDNN error, or "". A pool thread that
+// first; returns when all have run, with the first error, or "". A pool thread that
 // comes late finds no chunk left and returns without touching body.
 std::string RunChunks(ffi::ThreadPool& pool, int count, std::function<void(int)> body) {
   auto work = std::make_shared<Chunks>();
@@ -252,7 +253,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<T> x, ffi::Buffer<ffi::F32>
       st.wait();
     });
     if (!error.empty()) return Failed(error);
-  } catch (const dnnl::error& e) {
+  } catch (const std::exception& e) {
     return Failed(e.what());
   }
   return ffi::Error::Success();
@@ -282,7 +283,7 @@ ffi::Error InputGrad(ffi::ThreadPool pool, ffi::Buffer<T> dy, ffi::Buffer<ffi::F
       st.wait();
     });
     if (!error.empty()) return Failed(error);
-  } catch (const dnnl::error& e) {
+  } catch (const std::exception& e) {
     return Failed(e.what());
   }
   return ffi::Error::Success();
@@ -333,7 +334,7 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<T> x, ffi::Buffer<T> dy,
       const float* more_bias = bias_out(i);
       for (int64_t j = 0; j < s.o; ++j) bias[j] += more_bias[j];
     }
-  } catch (const dnnl::error& e) {
+  } catch (const std::exception& e) {
     return Failed(e.what());
   }
   return ffi::Error::Success();
@@ -405,7 +406,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffer<ff
       st.wait();
     });
     if (!error.empty()) return Failed(error);
-  } catch (const dnnl::error& e) {
+  } catch (const std::exception& e) {
     return Failed(e.what());
   }
   return ffi::Error::Success();
