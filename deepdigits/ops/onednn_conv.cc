@@ -153,7 +153,7 @@ struct Shapes {
   }
 };
 
-// The three primitives for one chunk's shapes; created once (creation JIT-compiles them).
+// The three primitives for one chunk's shapes.
 struct Prims {
   dnnl::convolution_forward::primitive_desc fwd_pd;
   dnnl::convolution_forward fwd;
@@ -163,34 +163,41 @@ struct Prims {
   dnnl::convolution_backward_weights bwd_weights;
 };
 
-Prims& GetPrims(const Shapes& s) {
+// The value for `key`, made once by make(key) and kept: creating a primitive JIT-compiles
+// it. Made on a thread with one OpenMP thread, as the primitives will run.
+template <typename Value, typename Key, typename Make>
+Value& Cached(const Key& key, Make make) {
   OneOpenMPThread();
   static std::mutex mu;
-  static std::map<Shapes, std::unique_ptr<Prims>> cache;
+  static std::map<Key, std::unique_ptr<Value>> cache;
   std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find(s);
-  if (it != cache.end()) return *it->second;
+  auto& slot = cache[key];
+  if (!slot) slot = std::make_unique<Value>(make(key));
+  return *slot;
+}
+
+Prims MakePrims(const Shapes& s) {
   auto& eng = Engine();
   auto attr = UserScratchpad();
   memory::dims strides = {1, 1}, pad = {0, 0};
-  auto p = std::make_unique<Prims>();
-  p->fwd_pd = dnnl::convolution_forward::primitive_desc(
+  Prims p;
+  p.fwd_pd = dnnl::convolution_forward::primitive_desc(
       eng, dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
       s.src(), s.wei(tag::any, s.act), s.bias(), s.dst(), strides, pad, pad, attr);
-  p->fwd = dnnl::convolution_forward(p->fwd_pd);
-  p->bwd_data_pd = dnnl::convolution_backward_data::primitive_desc(
+  p.fwd = dnnl::convolution_forward(p.fwd_pd);
+  p.bwd_data_pd = dnnl::convolution_backward_data::primitive_desc(
       eng, dnnl::algorithm::convolution_direct, s.src(), s.wei(tag::any, s.act), s.dst(),
-      strides, pad, pad, p->fwd_pd, attr);
-  p->bwd_data = dnnl::convolution_backward_data(p->bwd_data_pd);
+      strides, pad, pad, p.fwd_pd, attr);
+  p.bwd_data = dnnl::convolution_backward_data(p.bwd_data_pd);
   // Kernel and bias gradients accumulate and stay in f32, whatever the activations' type.
-  p->bwd_weights_pd = dnnl::convolution_backward_weights::primitive_desc(
+  p.bwd_weights_pd = dnnl::convolution_backward_weights::primitive_desc(
       eng, dnnl::algorithm::convolution_direct, s.src(), s.wei(tag::any, dt::f32), s.bias(),
-      s.dst(), strides, pad, pad, p->fwd_pd, attr);
-  p->bwd_weights = dnnl::convolution_backward_weights(p->bwd_weights_pd);
-  auto& ref = *p;
-  cache[s] = std::move(p);
-  return ref;
+      s.dst(), strides, pad, pad, p.fwd_pd, attr);
+  p.bwd_weights = dnnl::convolution_backward_weights(p.bwd_weights_pd);
+  return p;
 }
+
+Prims& GetPrims(const Shapes& s) { return Cached<Prims>(s, MakePrims); }
 
 // A call's chunks: their ranges of images, and the primitives for each chunk's batch size
 // (at most two sizes).
@@ -367,15 +374,10 @@ struct MatmulPrim {
 };
 
 MatmulPrim& GetMatmul(const MatmulShapes& s) {
-  OneOpenMPThread();
-  static std::mutex mu;
-  static std::map<MatmulShapes, std::unique_ptr<MatmulPrim>> cache;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = cache.find(s);
-  if (it != cache.end()) return *it->second;
-  dnnl::matmul::primitive_desc pd(Engine(), s.a(), s.b(), s.c(), UserScratchpad());
-  auto& ref = *(cache[s] = std::make_unique<MatmulPrim>(MatmulPrim{pd, dnnl::matmul(pd)}));
-  return ref;
+  return Cached<MatmulPrim>(s, [](const MatmulShapes& s) {
+    dnnl::matmul::primitive_desc pd(Engine(), s.a(), s.b(), s.c(), UserScratchpad());
+    return MatmulPrim{pd, dnnl::matmul(pd)};
+  });
 }
 
 // Matmuls of fewer multiply-adds than this run as one chunk (the second dense layer's).
