@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from deepdigits.data import IMAGE_SHAPE
 from deepdigits.model import CONV_IMPLS, CONV_LAYERS, DeepDigitsCNN
-from deepdigits.ops import onednn_conv
+from deepdigits.ops import batch_norm, onednn_conv
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -89,6 +89,16 @@ def dense_impl(dtype: str, differentiated: bool) -> str:
   return 'native'
 
 
+def bn_sums_impl(differentiated: bool) -> str:
+  """The C++ sums of BatchNorm's statistics in a train step on one CPU device, where they
+  are built; XLA's reductions elsewhere (on several devices XLA would gather a sharded
+  batch onto each device for a call it cannot split)."""
+  if (differentiated and jax.default_backend() == 'cpu' and jax.local_device_count() == 1
+      and batch_norm.kernel_problem() is None):
+    return 'kernel'
+  return 'native'
+
+
 def make_model(config, differentiated: bool = True) -> DeepDigitsCNN:
   """The network for the train step (differentiated) or for evaluation; both compute the
   same function with the same parameters."""
@@ -100,7 +110,8 @@ def make_model(config, differentiated: bool = True) -> DeepDigitsCNN:
       conv_impl=conv_impl[0] if len(set(conv_impl)) == 1 else conv_impl,
       dense_impl=dense_impl(config.dtype, differentiated),
       pool_impl=resolve_impl(config.pool_impl, 'strided_views', differentiated),
-      bn_group_size=config.bn_group_size)
+      bn_group_size=config.bn_group_size,
+      bn_sums_impl=bn_sums_impl(differentiated))
 
 
 def model_summary(model: nn.Module) -> str:

@@ -146,6 +146,16 @@ def require_onednn() -> None:
     pytest.skip(reason)
 
 
+def require_bn_kernel() -> None:
+  """Skips a test of the BatchNorm sums' extension where it is not built; under
+  DEEPDIGITS_REQUIRE_ONEDNN (CI, which builds both extensions) fails it instead."""
+  from deepdigits.ops import batch_norm  # pylint: disable=g-import-not-at-top
+  if problem := batch_norm.kernel_problem():
+    if os.environ.get('DEEPDIGITS_REQUIRE_ONEDNN'):
+      pytest.fail(problem)
+    pytest.skip(problem)
+
+
 @pytest.fixture(scope='session')
 def mnist_dir() -> str:
   directory, reason = real_mnist_dir()

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import require_onednn, tiny_config
+from conftest import require_bn_kernel, require_onednn, tiny_config
 from deepdigits import sharding, train_state
 from deepdigits import train as trainer
 from deepdigits.model import (
@@ -20,7 +20,7 @@ from deepdigits.model import (
   ReluBatchNorm,
   l2_penalty,
 )
-from deepdigits.ops import onednn_conv
+from deepdigits.ops import batch_norm, onednn_conv
 from deepdigits.ops.conv import conv3x3_shifted_matmul
 from deepdigits.ops.dropout import keep_mask
 from deepdigits.ops.pool import max_pool_2x2_strided
@@ -400,9 +400,58 @@ def test_relu_batch_norm_is_relu_then_flax_batch_norm_per_group(shape, group_siz
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('shape', [
+    (1, 128 * 24 * 24, 64),  # bn2 at batch 128: many blocks of rows
+    (4, 3, 5, 5, 67),        # groups; rows and features that divide by nothing
+    (3, 130, 512), (2, 1, 3)])
+def test_batch_norm_kernel_sums_are_xlas(dtype, shape):
+  """The C++ sums of ReLU(x), ReLU(x)^2, g and g * (ReLU(x) - mean) per group and feature
+  equal XLA's reductions up to float32's rounding (the orders of summation differ)."""
+  require_bn_kernel()
+  kx, kg = jax.random.split(jax.random.PRNGKey(shape[-1]))
+  x = (0.3 + jax.random.normal(kx, shape)).astype(dtype)
+  g = jax.random.normal(kg, shape).astype(dtype)
+  forward = jax.jit(batch_norm.relu_sums, static_argnums=1)
+  backward = jax.jit(batch_norm.relu_grad_sums, static_argnums=3)
+  sums = forward(x, 'kernel')
+  assert [s.shape for s in sums] == [(shape[0],) + (1,) * (len(shape) - 2) + shape[-1:]] * 2
+  mean = sums[0] / np.prod(shape[1:-1])
+  # The terms in float64, summed exactly enough to judge float32 sums by.
+  axes = tuple(range(1, len(shape) - 1))
+  v = np.maximum(np.asarray(x, np.float64), 0)
+  g64 = np.asarray(g, np.float64)
+  terms = [v, v * v, g64, g64 * (v - np.asarray(mean, np.float64))]
+  for impl in batch_norm.SUMS_IMPLS:
+    got = forward(x, impl) + backward(x, g, mean, impl)
+    for sum_, term in zip(got, terms):
+      assert sum_.dtype == jnp.float32
+      # Against the sum of the terms' magnitudes, the scale of any summation's error.
+      np.testing.assert_array_less(np.abs(sum_ - term.sum(axes, keepdims=True)),
+                                   2e-6 * np.abs(term).sum(axes, keepdims=True) + 1e-30,
+                                   err_msg=impl)
+
+
+def test_batch_norm_kernel_sums_pass_non_finite_activations_on_as_xla_does():
+  """NaN and +inf activations make their features' sums non-finite, so the train step
+  sees them (ReLU keeps NaN, as jnp.maximum does); -inf is ReLU's 0."""
+  require_bn_kernel()
+  x = jnp.ones((1, 70, 4)).at[0, 65, 0].set(jnp.nan).at[0, 3, 1].set(jnp.inf).at[
+      0, 9, 2].set(-jnp.inf)
+  g = jnp.ones_like(x)
+  mean = jnp.zeros((1, 1, 4))
+  for impl_sums in zip(batch_norm.relu_sums(x, 'kernel') + batch_norm.relu_grad_sums(
+      x, g, mean, 'kernel'), batch_norm.relu_sums(x, 'native') + batch_norm.relu_grad_sums(
+          x, g, mean, 'native')):
+    got, want = (np.asarray(s)[0, 0] for s in impl_sums)
+    np.testing.assert_array_equal(got, want)
+  assert np.isnan(batch_norm.relu_sums(x, 'kernel')[0][0, 0, 0])
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize('group_size', [0, 4])
+@pytest.mark.parametrize('sums_impl', batch_norm.SUMS_IMPLS)
 def test_relu_batch_norm_gradients_are_autodiffs_of_relu_then_flax_batch_norm(
-    dtype, group_size):
+    dtype, group_size, sums_impl):
   """The written-out backward pass against JAX's derivative of nn.relu then nn.BatchNorm,
   for the input, scale and bias; one feature is never positive (its variance is 0)."""
   shape = (12, 5, 5, 8)
@@ -417,7 +466,10 @@ def test_relu_batch_norm_gradients_are_autodiffs_of_relu_then_flax_batch_norm(
       return jnp.sum(y.astype(jnp.float32) * weights)
     return jax.jit(jax.grad(of, argnums=(0, 1)))(x, variables['params'])
 
-  ours = loss(lambda v, x: ReluBatchNorm(group_size, epsilon=1e-3, dtype=dtype).apply(
+  if sums_impl == 'kernel':
+    require_bn_kernel()
+  ours = loss(lambda v, x: ReluBatchNorm(group_size, epsilon=1e-3, dtype=dtype,
+                                         sums_impl=sums_impl).apply(
       v, x, mutable=['batch_stats'])[0])
   flax_bn = nn.BatchNorm(use_running_average=False, epsilon=1e-3, dtype=dtype)
   groups = group_size or shape[0]

@@ -16,9 +16,6 @@
 // that it does not depend on which thread took which chunk.
 #include <omp.h>
 
-#include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <exception>
 #include <functional>
@@ -31,11 +28,17 @@
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
+#include "thread_chunks.h"
 
 namespace ffi = xla::ffi;
 using dnnl::memory;
 using tag = dnnl::memory::format_tag;
 using dt = dnnl::memory::data_type;
+
+using deepdigits::Range;
+using deepdigits::RunChunks;
+using deepdigits::Split;
+using deepdigits::Threads;
 
 namespace {
 
@@ -68,64 +71,13 @@ memory Scratchpad(const memory::desc& desc) {
   return memory(desc, Engine(), buffer.data());
 }
 
-// The work one call shares out: chunk indices taken in turn, and who has finished.
-struct Chunks {
-  std::function<void(int)> body;  // valid until every chunk is done
-  int count = 0;
-  std::atomic<int> next{0};
-  std::mutex mu;
-  std::condition_variable all_done;
-  int done = 0;
-  std::string error;
-};
-
-void TakeChunks(const std::shared_ptr<Chunks>& work) {
-  OneOpenMPThread();
-  for (int i; (i = work->next.fetch_add(1)) < work->count;) {
-    std::string error;
-    try {
-      work->body(i);
-    } catch (const std::exception& e) {  // oneDNN's errors, or memory running out
-      error = e.what();
-    }
-    std::lock_guard<std::mutex> lock(work->mu);
-    if (!error.empty() && work->error.empty()) work->error = error;
-    if (++work->done == work->count) work->all_done.notify_all();
-  }
+// Runs body(0 .. count-1) as RunChunks does, each chunk on one OpenMP thread.
+std::string RunDnnlChunks(ffi::ThreadPool& pool, int count, std::function<void(int)> body) {
+  return RunChunks(pool, count, [&body](int i) {
+    OneOpenMPThread();
+    body(i);
+  });
 }
-
-// Runs body(0 .. count-1) on this thread and on XLA's intra-op threads, whichever is free
-// first; returns when all have run, with the first error, or "". A pool thread that
-// comes late finds no chunk left and returns without touching body.
-std::string RunChunks(ffi::ThreadPool& pool, int count, std::function<void(int)> body) {
-  auto work = std::make_shared<Chunks>();
-  work->body = std::move(body);
-  work->count = count;
-  for (int helper = 1; helper < count; ++helper) pool.Schedule([work] { TakeChunks(work); });
-  TakeChunks(work);
-  std::unique_lock<std::mutex> lock(work->mu);
-  work->all_done.wait(lock, [&] { return work->done == work->count; });
-  return work->error;
-}
-
-// [start, start + size) of `total` rows cut into `parts` near-equal chunks.
-struct Range {
-  int64_t start, size;
-};
-
-std::vector<Range> Split(int64_t total, int64_t parts) {
-  parts = std::max<int64_t>(1, std::min(parts, total));
-  std::vector<Range> ranges;
-  for (int64_t i = 0, start = 0; i < parts; ++i) {
-    int64_t size = total / parts + (i < total % parts ? 1 : 0);
-    ranges.push_back({start, size});
-    start += size;
-  }
-  return ranges;
-}
-
-// How many chunks a call's work is cut into: one for each of XLA's intra-op threads.
-int64_t Threads(ffi::ThreadPool& pool) { return std::max<int64_t>(1, pool.num_threads()); }
 
 ffi::Error Failed(const std::string& what) {
   return ffi::Error(ffi::ErrorCode::kInternal, "oneDNN: " + what);
@@ -247,7 +199,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<T> x, ffi::Buffer<ffi::F32>
     std::vector<memory> weights;
     for (auto* p : chunks.prims) weights.push_back(kernel.For(p->fwd_pd.weights_desc()));
     memory bias(s.bias(), Engine(), b.typed_data());
-    auto error = RunChunks(pool, chunks.ranges.size(), [&](int i) {
+    auto error = RunDnnlChunks(pool, chunks.ranges.size(), [&](int i) {
       const Range& r = chunks.ranges[i];
       const Prims& p = *chunks.prims[i];
       Shapes c = s.with_batch(r.size);
@@ -276,7 +228,7 @@ ffi::Error InputGrad(ffi::ThreadPool pool, ffi::Buffer<T> dy, ffi::Buffer<ffi::F
     KernelIn kernel(s, k.typed_data());
     std::vector<memory> weights;
     for (auto* p : chunks.prims) weights.push_back(kernel.For(p->bwd_data_pd.weights_desc()));
-    auto error = RunChunks(pool, chunks.ranges.size(), [&](int i) {
+    auto error = RunDnnlChunks(pool, chunks.ranges.size(), [&](int i) {
       const Range& r = chunks.ranges[i];
       const Prims& p = *chunks.prims[i];
       Shapes c = s.with_batch(r.size);
@@ -313,7 +265,7 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<T> x, ffi::Buffer<T> dy,
     auto bias_out = [&](int64_t i) {
       return i == 0 ? db->typed_data() : kernel_out(i) + kernel_size;
     };
-    auto error = RunChunks(pool, count, [&](int i) {
+    auto error = RunDnnlChunks(pool, count, [&](int i) {
       const Range& r = chunks.ranges[i];
       const Prims& p = *chunks.prims[i];
       Shapes c = s.with_batch(r.size);
@@ -395,7 +347,7 @@ ffi::Error Matmul(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> a, ffi::Buffer<ff
     for (const auto& r : ranges) prims.push_back(&GetMatmul(s.rows(r.size)));
     const int64_t a_row_bytes = transpose_a ? 2 : 2 * s.k;  // bf16: 2 bytes
     const int64_t c_row_bytes = s.n * static_cast<int64_t>(memory::data_type_size(s.out));
-    auto error = RunChunks(pool, ranges.size(), [&](int i) {
+    auto error = RunDnnlChunks(pool, ranges.size(), [&](int i) {
       const Range& r = ranges[i];
       const MatmulPrim& p = *prims[i];
       MatmulShapes chunk = s.rows(r.size);
