@@ -1,5 +1,5 @@
-"""Builds the C++ kernels of deepdigits/ops as XLA FFI handlers: the per-feature sums of
-BatchNorm (batch_norm_stats.cc, any CPU with a C++17 compiler), and oneDNN's convolutions
+"""Builds the C++ kernels of deepdigits/ops as XLA FFI handlers: ReLU then BatchNorm in
+training (relu_batch_norm.cc, any CPU with a C++17 compiler), and oneDNN's convolutions
 and matmuls (onednn_conv.cc) where oneDNN's headers are installed in the build environment
 (Linux x86-64, see pyproject.toml). Both are optional: without them the code runs the same
 functions in jax.numpy (`conv_impl='auto'` the shifted-view matmuls)."""
@@ -18,10 +18,12 @@ OPS = 'deepdigits/ops'
 def extensions():
   import jax.ffi  # pylint: disable=g-import-not-at-top (jax is a build requirement)
   common = dict(language='c++', optional=True, depends=[f'{OPS}/thread_chunks.h'])
-  # -fno-trapping-math lets GCC vectorise ReLU's compare-and-select (it changes no result).
-  built = [Extension('deepdigits.ops._batch_norm_stats', [f'{OPS}/batch_norm_stats.cc'],
+  # -fno-trapping-math lets GCC vectorise ReLU's compare-and-select; -ffp-contract=off keeps
+  # a * b + c two roundings on every instruction set (neither changes a result).
+  built = [Extension('deepdigits.ops._relu_batch_norm', [f'{OPS}/relu_batch_norm.cc'],
                      include_dirs=[jax.ffi.include_dir()],
-                     extra_compile_args=['-std=c++17', '-O3', '-fno-trapping-math'], **common)]
+                     extra_compile_args=['-std=c++17', '-O3', '-fno-trapping-math',
+                                         '-ffp-contract=off'], **common)]
   header = installed_file('onednn-devel-cpu-gomp', 'include/oneapi/dnnl/dnnl.hpp')
   library = installed_file('onednn-cpu-gomp', '/libdnnl.so')
   if header and library:

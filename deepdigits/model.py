@@ -113,8 +113,8 @@ class ReluBatchNorm(nn.Module):
   normalises with the statistics of each group of that many consecutive examples
   ('ghost batches', as Keras' BatchNormalization does per replica under a TPUStrategy)
   and the running averages take the mean over groups; 0 normalises over the whole batch.
-  `sums_impl` computes the statistics' sums in training: 'native' (XLA's reductions) or
-  'kernel' (`ops/batch_norm_stats.cc`, CPU only).
+  `impl` computes the pair in training: 'native' (jax.numpy) or 'kernel' (the handlers of
+  `ops/relu_batch_norm.cc`, CPU only).
   """
   group_size: int = 0
   use_running_average: bool = False
@@ -122,7 +122,7 @@ class ReluBatchNorm(nn.Module):
   epsilon: float = 1e-3
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
-  sums_impl: str = 'native'
+  impl: str = 'native'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -140,7 +140,7 @@ class ReluBatchNorm(nn.Module):
                        f'of {group_size}')
     y, mean, var = relu_batch_norm(x, scale, bias, group_size=group_size,
                                    epsilon=self.epsilon, dtype=self.dtype,
-                                   sums_impl=self.sums_impl)
+                                   impl=self.impl)
     if not self.is_initializing():
       ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean.mean(0)
       ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var.mean(0)
@@ -186,8 +186,8 @@ class DeepDigitsCNN(nn.Module):
       re-estimating BatchNorm statistics without dropout noise.
     dense_impl: 'native' (XLA's dot) or 'onednn' (oneDNN's bf16 matmuls, CPU, bfloat16
       only) for the three dense layers.
-    bn_sums_impl: the sums of BatchNorm's statistics in training, 'native' (XLA's
-      reductions) or 'kernel' (`ops/batch_norm_stats.cc`, CPU only).
+    bn_impl: ReLU-BatchNorm in training, 'native' (jax.numpy) or 'kernel'
+      (`ops/relu_batch_norm.cc`, CPU only).
   """
   num_classes: int = 10
   dtype: Any = jnp.float32
@@ -198,14 +198,14 @@ class DeepDigitsCNN(nn.Module):
   bn_group_size: int = 0
   use_dropout: bool = True
   dense_impl: str = 'native'
-  bn_sums_impl: str = 'native'
+  bn_impl: str = 'native'
 
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
     """Maps float images [N, 28, 28, 1] in [0, 1] to logits [N, num_classes]."""
     batch_norm = lambda name: ReluBatchNorm(
         self.bn_group_size, use_running_average=not train, momentum=self.bn_momentum,
-        epsilon=self.bn_epsilon, dtype=self.dtype, sums_impl=self.bn_sums_impl, name=name)
+        epsilon=self.bn_epsilon, dtype=self.dtype, impl=self.bn_impl, name=name)
     dropout = lambda rate: Dropout(rate, deterministic=not (train and self.use_dropout))
     impls = layer_conv_impls(self.conv_impl)
     conv = lambda features, name: Conv3x3(

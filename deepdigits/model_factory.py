@@ -89,9 +89,9 @@ def dense_impl(dtype: str, differentiated: bool) -> str:
   return 'native'
 
 
-def bn_sums_impl(differentiated: bool) -> str:
-  """The C++ sums of BatchNorm's statistics in a train step on one CPU device, where they
-  are built; XLA's reductions elsewhere (on several devices XLA would gather a sharded
+def bn_impl(differentiated: bool) -> str:
+  """ReLU-BatchNorm's C++ handlers in a train step on one CPU device, where they are
+  built; jax.numpy elsewhere (on several devices XLA would gather a sharded
   batch onto each device for a call it cannot split)."""
   if (differentiated and jax.default_backend() == 'cpu' and jax.local_device_count() == 1
       and batch_norm.kernel_problem() is None):
@@ -111,7 +111,7 @@ def make_model(config, differentiated: bool = True) -> DeepDigitsCNN:
       dense_impl=dense_impl(config.dtype, differentiated),
       pool_impl=resolve_impl(config.pool_impl, 'strided_views', differentiated),
       bn_group_size=config.bn_group_size,
-      bn_sums_impl=bn_sums_impl(differentiated))
+      bn_impl=bn_impl(differentiated))
 
 
 def model_summary(model: nn.Module) -> str:

@@ -399,59 +399,64 @@ def test_relu_batch_norm_is_relu_then_flax_batch_norm_per_group(shape, group_siz
     ReluBatchNorm(5).apply(variables, x, mutable=['batch_stats'])
 
 
+def _relu_batch_norm_and_gradients(impl, x, scale, bias, weights, group_size):
+  """The layer's output, statistics, and the input, scale and bias gradients of a weighted
+  sum of its output, as `impl` computes them."""
+  def loss(x, scale, bias):
+    y, mean, var = batch_norm.relu_batch_norm(x, scale, bias, group_size=group_size,
+                                              epsilon=1e-3, dtype=x.dtype, impl=impl)
+    return jnp.sum(y.astype(jnp.float32) * weights), (y, mean, var)
+  grads, outputs = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(x, scale, bias)
+  return outputs + grads
+
+
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize('shape', [
-    (1, 128 * 24 * 24, 64),  # bn2 at batch 128: many blocks of rows
-    (4, 3, 5, 5, 67),        # groups; rows and features that divide by nothing
-    (3, 130, 512), (2, 1, 3)])
-def test_batch_norm_kernel_sums_are_xlas(dtype, shape):
-  """The C++ sums of ReLU(x), ReLU(x)^2, g and g * (ReLU(x) - mean) per group and feature
-  equal XLA's reductions up to float32's rounding (the orders of summation differ)."""
+@pytest.mark.parametrize('shape,group_size', [
+    ((128, 24, 24, 64), 128),  # bn2 at batch 128: many blocks of rows per chunk
+    ((12, 3, 5, 67), 4),       # groups; rows and features that divide by nothing
+    ((6, 512), 3), ((2, 1, 1, 3), 1)])
+def test_relu_batch_norm_kernel_is_the_jax_numpy_one(dtype, shape, group_size):
+  """The C++ handlers' output, statistics and gradients against the jax.numpy forms (the
+  same formulas, summed in other orders); one feature is never positive (variance 0)."""
   require_bn_kernel()
-  kx, kg = jax.random.split(jax.random.PRNGKey(shape[-1]))
-  x = (0.3 + jax.random.normal(kx, shape)).astype(dtype)
-  g = jax.random.normal(kg, shape).astype(dtype)
-  forward = jax.jit(batch_norm.relu_sums, static_argnums=1)
-  backward = jax.jit(batch_norm.relu_grad_sums, static_argnums=3)
-  sums = forward(x, 'kernel')
-  assert [s.shape for s in sums] == [(shape[0],) + (1,) * (len(shape) - 2) + shape[-1:]] * 2
-  mean = sums[0] / np.prod(shape[1:-1])
-  # The terms in float64, summed exactly enough to judge float32 sums by.
-  axes = tuple(range(1, len(shape) - 1))
-  v = np.maximum(np.asarray(x, np.float64), 0)
-  g64 = np.asarray(g, np.float64)
-  terms = [v, v * v, g64, g64 * (v - np.asarray(mean, np.float64))]
-  for impl in batch_norm.SUMS_IMPLS:
-    got = forward(x, impl) + backward(x, g, mean, impl)
-    for sum_, term in zip(got, terms):
-      assert sum_.dtype == jnp.float32
-      # Against the sum of the terms' magnitudes, the scale of any summation's error.
-      np.testing.assert_array_less(np.abs(sum_ - term.sum(axes, keepdims=True)),
-                                   2e-6 * np.abs(term).sum(axes, keepdims=True) + 1e-30,
-                                   err_msg=impl)
+  kx, ks, kb, kw = jax.random.split(jax.random.PRNGKey(shape[-1]), 4)
+  x = (0.3 + jax.random.normal(kx, shape)).at[..., 1].set(-1.0).astype(dtype)
+  scale = 1 + jax.random.normal(ks, shape[-1:])
+  bias = jax.random.normal(kb, shape[-1:])
+  weights = jax.random.normal(kw, shape)
+  got = _relu_batch_norm_and_gradients('kernel', x, scale, bias, weights, group_size)
+  want = _relu_batch_norm_and_gradients('native', x, scale, bias, weights, group_size)
+  # float32: rounding only. bfloat16: the output and input gradient are rounded to
+  # bfloat16, from float32 values that differ by rounding.
+  tolerance = 1e-5 if dtype == jnp.float32 else 1e-2
+  for name, g, w in zip(('y', 'mean', 'var', 'x grad', 'scale grad', 'bias grad'), got, want):
+    assert g.dtype == w.dtype and g.shape == w.shape, name
+    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+    atol = (tolerance if name in ('y', 'x grad') else 1e-5) * np.abs(w).max()
+    np.testing.assert_allclose(g, w, rtol=0, atol=atol, err_msg=name)
+  assert not np.asarray(got[3][..., 1], np.float32).any()  # ReLU passes nothing back
 
 
-def test_batch_norm_kernel_sums_pass_non_finite_activations_on_as_xla_does():
-  """NaN and +inf activations make their features' sums non-finite, so the train step
-  sees them (ReLU keeps NaN, as jnp.maximum does); -inf is ReLU's 0."""
+def test_relu_batch_norm_kernel_passes_non_finite_activations_on_as_jax_numpy_does():
+  """NaN and +inf activations make their features' statistics non-finite, so the train
+  step refuses the update (ReLU keeps NaN, as jnp.maximum does); -inf is ReLU's 0."""
   require_bn_kernel()
-  x = jnp.ones((1, 70, 4)).at[0, 65, 0].set(jnp.nan).at[0, 3, 1].set(jnp.inf).at[
-      0, 9, 2].set(-jnp.inf)
-  g = jnp.ones_like(x)
-  mean = jnp.zeros((1, 1, 4))
-  for impl_sums in zip(batch_norm.relu_sums(x, 'kernel') + batch_norm.relu_grad_sums(
-      x, g, mean, 'kernel'), batch_norm.relu_sums(x, 'native') + batch_norm.relu_grad_sums(
-          x, g, mean, 'native')):
-    got, want = (np.asarray(s)[0, 0] for s in impl_sums)
-    np.testing.assert_array_equal(got, want)
-  assert np.isnan(batch_norm.relu_sums(x, 'kernel')[0][0, 0, 0])
+  x = jnp.ones((2, 35, 4)).at[0, 30, 0].set(jnp.nan).at[1, 3, 1].set(jnp.inf).at[
+      0, 9, 2].set(-jnp.inf).at[0, 10, 2].set(2.0)
+  weights = jnp.ones_like(x)
+  got, want = (_relu_batch_norm_and_gradients(impl, x, jnp.ones(4), jnp.zeros(4), weights,
+                                              1) for impl in batch_norm.IMPLS)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.isfinite(g), np.isfinite(w))
+  assert np.isnan(got[1][0, 0]) and not np.isfinite(got[1][1, 1])
+  assert np.isfinite(got[1][0, 2])
 
 
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize('group_size', [0, 4])
-@pytest.mark.parametrize('sums_impl', batch_norm.SUMS_IMPLS)
+@pytest.mark.parametrize('impl', batch_norm.IMPLS)
 def test_relu_batch_norm_gradients_are_autodiffs_of_relu_then_flax_batch_norm(
-    dtype, group_size, sums_impl):
+    dtype, group_size, impl):
   """The written-out backward pass against JAX's derivative of nn.relu then nn.BatchNorm,
   for the input, scale and bias; one feature is never positive (its variance is 0)."""
   shape = (12, 5, 5, 8)
@@ -466,10 +471,10 @@ def test_relu_batch_norm_gradients_are_autodiffs_of_relu_then_flax_batch_norm(
       return jnp.sum(y.astype(jnp.float32) * weights)
     return jax.jit(jax.grad(of, argnums=(0, 1)))(x, variables['params'])
 
-  if sums_impl == 'kernel':
+  if impl == 'kernel':
     require_bn_kernel()
   ours = loss(lambda v, x: ReluBatchNorm(group_size, epsilon=1e-3, dtype=dtype,
-                                         sums_impl=sums_impl).apply(
+                                         impl=impl).apply(
       v, x, mutable=['batch_stats'])[0])
   flax_bn = nn.BatchNorm(use_running_average=False, epsilon=1e-3, dtype=dtype)
   groups = group_size or shape[0]
