@@ -431,7 +431,8 @@ def describe_run(config, model, eval_model, mesh, state, datasets, steps_per_epo
   lines = [
       f'DeepDigitsCNN: {params + stats:,} numbers ({params:,} trained parameters + '
       f'{stats:,} BatchNorm running statistics), dtype {config.dtype}, '
-      f'conv {conv_impl_name(model.conv_impl)}, pool {model.pool_impl} (evaluation: conv '
+      f'conv {conv_impl_name(model.conv_impl)}, pool {model.pool_impl}, '
+      f'ReLU-BatchNorm {model.bn_impl} (evaluation: conv '
       f'{conv_impl_name(eval_model.conv_impl)}, pool {eval_model.pool_impl})',
       f'mesh: {mesh.size} x {jax.devices()[0].device_kind} over {jax.process_count()} '
       f'process(es); data: {sizes}',

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import DEVICES, REPO, xla_flags
 from deepdigits import checkpointing, model_factory, rundir, sharding, train_state
-from deepdigits.ops import onednn_conv
+from deepdigits.ops import batch_norm, onednn_conv
 
 
 def run_main(*args, devices=None, test_compile=True, timeout=600):
@@ -133,8 +133,9 @@ def test_end_to_end_on_real_mnist_reaches_95_percent(mnist_dir, tmp_path):
   # device), conv3 too where they are AVX-512 kernels, and the rest as Winograd tiles.
   if onednn_conv.is_available() or os.environ.get('DEEPDIGITS_REQUIRE_ONEDNN'):
     conv3 = 'onednn' if onednn_conv.has_avx512_kernels() else 'winograd'
-    assert (f', conv onednn,onednn,{conv3},winograd, pool strided_views (evaluation: conv '
-            'native') in result.stdout
+    bn = 'native' if batch_norm.kernel_problem() else 'kernel'
+    assert (f', conv onednn,onednn,{conv3},winograd, pool strided_views, ReLU-BatchNorm {bn} '
+            '(evaluation: conv native') in result.stdout
   (record,) = read_metrics(tmp_path)
   assert record['step'] == 128 and record['test_examples'] == 10_000
   assert record['test_accuracy_recalibrated'] >= 0.95, record

@@ -1,5 +1,5 @@
 // Work cut into chunks that the calling thread and XLA's intra-op thread pool run in
-// turn, for the FFI handlers of deepdigits/ops (onednn_conv.cc, batch_norm_stats.cc).
+// turn, for the FFI handlers of deepdigits/ops (onednn_conv.cc, relu_batch_norm.cc).
 // A handler that ran a thread team of its own would run beside XLA's threads, which go on
 // with other parts of the step: more threads than cores.
 #ifndef DEEPDIGITS_OPS_THREAD_CHUNKS_H_

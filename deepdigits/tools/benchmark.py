@@ -133,7 +133,8 @@ def run_benchmark(config, steps: int, windows: int, eval_batches: int,
   result = {
       'devices': jax.device_count(), 'device_kind': jax.devices()[0].device_kind,
       'dtype': config.dtype, 'conv_impl': conv_impl_name(model.conv_impl),
-      'pool_impl': model.pool_impl, 'eval_conv_impl': conv_impl_name(eval_model.conv_impl),
+      'pool_impl': model.pool_impl, 'bn_impl': model.bn_impl,
+      'eval_conv_impl': conv_impl_name(eval_model.conv_impl),
       'input_pipeline': feed.kind, 'batch_size': config.batch_size,
       'eval_batch_size': config.eval_batch_size,
       'train_compile_seconds': compile_seconds,
@@ -160,7 +161,8 @@ def run_benchmark(config, steps: int, windows: int, eval_batches: int,
         config.batch_size // jax.device_count(), 4096, 512)
   r = result
   print(f"deepdigits benchmark: {r['devices']} x {r['device_kind']}, dtype {r['dtype']}, "
-        f"conv {r['conv_impl']}, pool {r['pool_impl']} (eval conv {r['eval_conv_impl']}), "
+        f"conv {r['conv_impl']}, pool {r['pool_impl']}, ReLU-BatchNorm {r['bn_impl']} "
+        f"(eval conv {r['eval_conv_impl']}), "
         f"train batch {r['batch_size']}, "
         f"eval batch {r['eval_batch_size']}")
   for name, kernels in r.get('onednn_kernels', {}).items():
