@@ -158,6 +158,7 @@ DEEPDIGITS_INLINE void GradRange(const T* x, const T* g, T* g_x, const float* __
 // Each of the three loops above compiled for AVX-512, for AVX2 and for the baseline, and
 // run as the host allows (`NAME##OnHost`): they are bound by memory only with wide
 // vectors. Built with -ffp-contract=off, all three round alike.
+#if defined(__x86_64__)
 enum class Isa { kBaseline, kAvx2, kAvx512 };
 
 Isa HostIsa() {
@@ -185,6 +186,13 @@ Isa HostIsa() {
       default: return NAME(args...);                                                     \
     }                                                                                    \
   }
+#else  // other processors: the loops as the compiler builds them for the target
+#define DEEPDIGITS_ON_HOST(NAME)                                                         \
+  template <typename... Args>                                                            \
+  void NAME##OnHost(Args... args) {                                                      \
+    NAME(args...);                                                                       \
+  }
+#endif
 
 DEEPDIGITS_ON_HOST(SumRange)
 DEEPDIGITS_ON_HOST(NormaliseRange)
