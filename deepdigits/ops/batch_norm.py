@@ -41,14 +41,13 @@ def kernel_problem() -> Optional[str]:
             "pip install -e '.[dev]' (it needs a C++17 compiler)")
   try:
     handlers = ctypes.CDLL(built[0])
-  except OSError as e:
-    return f'cannot load {built[0]}: {e}'
-  for name in ('Forward', 'Backward'):
-    for suffix in _KERNEL_SUFFIXES.values():
-      jax.ffi.register_ffi_target(
-          f'deepdigits_relu_batch_norm_{name}_{suffix}',
-          jax.ffi.pycapsule(getattr(handlers, f'DeepdigitsReluBatchNorm{name}{suffix}')),
-          platform='cpu')
+    symbols = {f'deepdigits_relu_batch_norm_{name}_{suffix}':
+               getattr(handlers, f'DeepdigitsReluBatchNorm{name}{suffix}')
+               for name in ('Forward', 'Backward') for suffix in _KERNEL_SUFFIXES.values()}
+  except (OSError, AttributeError) as e:  # AttributeError: a build of older sources
+    return (f"cannot load {built[0]}: {e}; rebuild it with pip install -e '.[dev]'")
+  for target, symbol in symbols.items():
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(symbol), platform='cpu')
   return None
 
 
